@@ -1,0 +1,105 @@
+"""Transformer building blocks shared by the text tower, the visual tower and the learnable-center block.
+
+Parameter names follow OpenAI CLIP (``attn.in_proj_weight``, ``attn.out_proj``, ``ln_1``, ``mlp.c_fc`` ...) so that
+CLIP and SegCLIP checkpoints load unchanged; the computation goes through
+``F.scaled_dot_product_attention`` (fused kernels on CPU and GPU) instead of ``nn.MultiheadAttention``.
+"""
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 and cast back (CLIP convention; keeps bf16/fp16 autocast stable)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            out = F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
+        return out.to(dtype)
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+class MultiheadAttention(nn.Module):
+    """Batch-first multi-head attention with ``nn.MultiheadAttention``'s parameter layout.
+
+    q_in [B, Tq, W], kv_in [B, Tk, W] (defaults to q_in) -> [B, Tq, W].  Each sample attends only to its own keys
+    (SPEC §10.1: the 2022 cross-attention mixed samples in training; this is the per-sample behaviour).
+    """
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.width, self.heads = width, heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)  # as nn.MultiheadAttention
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, q_in: torch.Tensor, kv_in: Optional[torch.Tensor] = None, causal: bool = False) -> torch.Tensor:
+        B, Tq, W = q_in.shape
+        if kv_in is None:
+            q, k, v = F.linear(q_in, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        else:
+            q = F.linear(q_in, self.in_proj_weight[:W], self.in_proj_bias[:W])
+            k, v = F.linear(kv_in, self.in_proj_weight[W:], self.in_proj_bias[W:]).chunk(2, dim=-1)
+        # [B, T, W] -> [B, H, T, W/H]
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return self.out_proj(out.transpose(1, 2).reshape(B, Tq, W))
+
+
+def clip_mlp(width: int) -> nn.Sequential:
+    return nn.Sequential(OrderedDict([
+        ("c_fc", nn.Linear(width, width * 4)),
+        ("gelu", QuickGELU()),
+        ("c_proj", nn.Linear(width * 4, width)),
+    ]))
+
+
+class ResidualAttentionBlock(nn.Module):
+    """CLIP's pre-LN block.  x [B, T, W] -> [B, T, W]."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.attn = MultiheadAttention(width, heads)
+        self.ln_1 = LayerNorm(width)
+        self.mlp = clip_mlp(width)
+        self.ln_2 = LayerNorm(width)
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), causal=causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    """CLIP's text transformer: ``resblocks.{i}``.  x [B, T, W] -> [B, T, W] with a causal mask."""
+
+    def __init__(self, width: int, layers: int, heads: int):
+        super().__init__()
+        self.width, self.layers = width, layers
+        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads) for _ in range(layers)])
+
+    def forward(self, x: torch.Tensor, causal: bool = True) -> torch.Tensor:
+        for block in self.resblocks:
+            x = block(x, causal=causal)
+        return x
+
+
+def run_blocks(blocks: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    for block in blocks:
+        x = block(x)
+    return x
