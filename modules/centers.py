@@ -7,7 +7,6 @@ from collections import OrderedDict
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .layers import LayerNorm, MultiheadAttention, QuickGELU, clip_mlp, quick_gelu

@@ -8,7 +8,8 @@ Module names are the state-dict names of the 2022 code (``clip.visual.transforme
 checkpoint loads unchanged. Every size is read from the state dict.
 """
 import math
-from dataclasses import asdict, dataclass, field
+import os
+from dataclasses import dataclass
 from typing import Dict, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -19,8 +20,6 @@ from .centers import LearnableCenterBlock, ReconstructLayer
 from .layers import LayerNorm, ResidualAttentionBlock, Transformer, run_blocks
 from .losses import contrastive_loss, mae_loss, superpixel_kl_loss
 from .mae import MAEDecoder, random_masking
-
-CLIP_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 
 @dataclass
