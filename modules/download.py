@@ -1,0 +1,232 @@
+"""Find model weights on disk, or fetch them once: the released SegCLIP checkpoint and OpenAI's CLIP ViT-B/16.
+
+Downloads stream into a hidden temporary file next to the destination and are moved into place with an atomic
+rename only after they are complete and verified, so an interrupted or corrupt download never leaves a file that
+looks usable. Where the network is unavailable the error says which URL to fetch and where to put the file.
+
+Cache directory: the ``cache_dir`` argument, else the ``SEGCLIP_CACHE`` environment variable, else ``checkpoints/``
+in this repository. ``SEGCLIP_OFFLINE=1`` forbids downloads altogether (a clear error instead).
+"""
+import hashlib
+import http.client
+import os
+import shlex
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Callable, Dict, Optional, Union
+
+from tqdm import tqdm
+
+SEGCLIP_URL = "https://github.com/ArrowLuo/SegCLIP/releases/download/checkpoint_v0/segclip.bin"
+SEGCLIP_FILENAME = "segclip.bin"
+# OpenAI's URLs carry the file's SHA-256 as the second-to-last path segment; it is checked after download.
+CLIP_URLS = {
+    "ViT-B/16": "https://openaipublic.azureedge.net/clip/models/"
+                "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+}
+CACHE_ENV = "SEGCLIP_CACHE"
+OFFLINE_ENV = "SEGCLIP_OFFLINE"
+DEFAULT_CACHE_DIR = Path(__file__).resolve().parents[1] / "checkpoints"
+
+PathLike = Union[str, os.PathLike]
+
+
+class DownloadError(RuntimeError):
+    """A download failed or was refused; the message says what to fetch by hand and where to put it."""
+
+
+def default_cache_dir(cache_dir: Optional[PathLike] = None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else DEFAULT_CACHE_DIR
+
+
+def manual_command(url: str, dest: PathLike) -> str:
+    dest = Path(dest)
+    return f"mkdir -p {shlex.quote(str(dest.parent))} && curl -L -o {shlex.quote(str(dest))} {shlex.quote(url)}"
+
+
+def sha256_from_url(url: str) -> str:
+    """OpenAI CLIP URLs: .../<sha256>/<name>.pt -> '<sha256>'."""
+    parts = urllib.parse.urlparse(url).path.rstrip("/").split("/")
+    sha = parts[-2] if len(parts) >= 2 else ""
+    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha.lower()):
+        raise ValueError(f"no SHA-256 path segment in {url}")
+    return sha.lower()
+
+
+def download_file(url: str, dest: PathLike, sha256: Optional[str] = None,
+                  verify: Optional[Callable[[Path], None]] = None, timeout: float = 30.0,
+                  progress: bool = True) -> Path:
+    """Stream ``url`` into ``dest`` (a temp file in dest's folder, then an atomic rename).
+
+    sha256: expected hex digest, checked on the streamed bytes. verify: called on the complete temporary file,
+    raises to reject it. On any failure nothing is left at ``dest`` or in its folder and DownloadError is raised.
+    """
+    dest = Path(dest)
+    how = f"Download it by hand with:\n    {manual_command(url, dest)}"
+    if os.environ.get(OFFLINE_ENV, "").strip() not in ("", "0"):
+        raise DownloadError(f"{dest} is missing and downloads are disabled ({OFFLINE_ENV} is set).\n{how}")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DownloadError(f"cannot create {dest.parent}: {e}\n{how}") from None
+    print(f"downloading {url} -> {dest}", flush=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    tmp = Path(tmp_name)
+    try:
+        digest = hashlib.sha256()
+        received = 0
+        try:
+            request = urllib.request.Request(url, headers={"User-Agent": "segclip-download"})
+            with os.fdopen(fd, "wb") as f, urllib.request.urlopen(request, timeout=timeout) as response:
+                length = response.headers.get("Content-Length")
+                total = int(length) if length and length.isdigit() else None
+                with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
+                          desc=dest.name) as bar:
+                    while True:
+                        chunk = response.read(1 << 20)
+                        if not chunk:
+                            break
+                        f.write(chunk)
+                        digest.update(chunk)
+                        received += len(chunk)
+                        bar.update(len(chunk))
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            # OSError covers URLError/HTTPError (offline, refused, 404) and resets; HTTPException covers
+            # IncompleteRead when the server drops the connection mid-body.
+            reason = f"HTTP {e.code} {e.reason}" if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", e)
+            raise DownloadError(f"could not download {url}: {type(e).__name__}: {reason}\n{how}") from None
+        if total is not None and received != total:
+            # A server that drops the connection mid-body may end the stream without an exception.
+            raise DownloadError(f"download of {url} was cut off after {received} of {total} bytes.\n{how}")
+        if received == 0:
+            raise DownloadError(f"download of {url} returned no data.\n{how}")
+        if sha256 is not None and digest.hexdigest() != sha256.lower():
+            raise DownloadError(f"checksum mismatch for {url}: expected SHA-256 {sha256}, got {digest.hexdigest()}; "
+                                f"the file was removed.\n{how}")
+        if verify is not None:
+            try:
+                verify(tmp)
+            except Exception as e:
+                raise DownloadError(f"the file downloaded from {url} is not valid ({e}); it was removed.\n{how}") \
+                    from None
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return dest
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The released checkpoint's key set, derived from the model's structure (SPEC §2, §9) rather than read from a list.
+
+def segclip_checkpoint_keys(text_layers: int = 12, vision_layers: int = 12, first_stage_layer: int = 10,
+                            mae_layers: int = 2, cross_att_blocks: int = 2, decoder_blocks: int = 3,
+                            with_mae_decoder: bool = True) -> set:
+    """Names of every tensor in a SegCLIP state dict (415 for the released ViT-B/16 checkpoint)."""
+    block = ["attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias",
+             "ln_1.weight", "ln_1.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias",
+             "ln_2.weight", "ln_2.bias"]
+    keys = {"clip.positional_embedding", "clip.text_projection", "clip.logit_scale", "clip.token_embedding.weight",
+            "clip.ln_final.weight", "clip.ln_final.bias",
+            "clip.visual.class_embedding", "clip.visual.positional_embedding", "clip.visual.proj",
+            "clip.visual.conv1.weight", "clip.visual.ln_pre.weight", "clip.visual.ln_pre.bias",
+            "clip.visual.ln_post.weight", "clip.visual.ln_post.bias"}
+    stacks = {"clip.transformer.resblocks": text_layers,
+              "clip.visual.transformer.layers0": first_stage_layer,
+              "clip.visual.transformer.layers2": vision_layers - first_stage_layer,
+              "clip.visual.transformer.layers_mae2": mae_layers}
+    for prefix, n in stacks.items():
+        keys |= {f"{prefix}.{i}.{name}" for i in range(n) for name in block}
+    center = "clip.visual.transformer.semantic_layer2"
+    cross = [n for n in block if not n.startswith("ln_1")] + ["ln_x.weight", "ln_x.bias", "ln_k.weight", "ln_k.bias"]
+    keys |= {f"{center}.cross_att.{i}.{name}" for i in range(cross_att_blocks) for name in cross}
+    keys |= {f"{center}.{name}" for name in ["semantic_center", "k_conv.weight", "v_conv.weight",
+                                             "norm.weight", "norm.bias", "cross_ln.weight", "cross_ln.bias",
+                                             "k_ln.weight", "k_ln.bias", "proj_o.ln.weight", "proj_o.ln.bias",
+                                             "proj_o.mlp.fc1.weight", "proj_o.mlp.fc1.bias",
+                                             "proj_o.mlp.fc2.weight", "proj_o.mlp.fc2.bias"]}
+    keys |= {"clip.visual.transformer.reconstruct_layer2.rec_proj_a.a_fc.weight",
+             "clip.visual.transformer.reconstruct_layer2.rec_proj_a.a_fc.bias"}
+    if with_mae_decoder:
+        dec = ["norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
+               "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias",
+               "mlp.fc2.weight", "mlp.fc2.bias"]
+        keys |= {f"vis_mae_decoder.decoder_blocks.{i}.{name}" for i in range(decoder_blocks) for name in dec}
+        keys |= {f"vis_mae_decoder.{name}" for name in ["mask_token", "decoder_pos_embed", "decoder_embed.weight",
+                                                        "decoder_embed.bias", "decoder_norm.weight",
+                                                        "decoder_norm.bias", "decoder_pred.weight",
+                                                        "decoder_pred.bias"]}
+    return keys
+
+
+def check_segclip_keys(state_dict: Dict, expected: Optional[set] = None) -> None:
+    """Raise ValueError naming the missing / unexpected keys unless the key set is exactly ``expected``."""
+    expected = segclip_checkpoint_keys() if expected is None else expected
+    found = set(state_dict)
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
+    if missing or unexpected:
+        raise ValueError(f"expected the {len(expected)} keys of the released SegCLIP checkpoint, found {len(found)}: "
+                         f"{len(missing)} missing {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}")
+
+
+def _verify_segclip_file(path: Path) -> None:
+    import torch
+    # mmap: a 750 MB checkpoint is checked without being read into memory (zip-format files; files written by
+    # torch < 1.6 cannot be mapped and are read whole).
+    try:
+        try:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"not a loadable state dict: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"holds a {type(state_dict).__name__}, not a state dict")
+    check_segclip_keys(state_dict)
+
+
+def resolve_segclip_checkpoint(path: Optional[PathLike] = None, cache_dir: Optional[PathLike] = None,
+                               url: str = SEGCLIP_URL, progress: bool = True) -> Path:
+    """The SegCLIP checkpoint to load.
+
+    path given: it must exist (a typo must not trigger a 750 MB download). path None: ``<cache>/segclip.bin``,
+    downloaded from ``url`` and key-checked when missing.
+    """
+    if path is not None:
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path} (leave the checkpoint option out to use the "
+                                    f"released one, downloaded into {default_cache_dir(cache_dir)} when missing)")
+        return path
+    dest = default_cache_dir(cache_dir) / SEGCLIP_FILENAME
+    if dest.is_file():
+        return dest
+    print(f"SegCLIP checkpoint not found at {dest}", flush=True)
+    return download_file(url, dest, verify=_verify_segclip_file, progress=progress)
+
+
+def resolve_clip_weights(name_or_path: PathLike, cache_dir: Optional[PathLike] = None,
+                         url: Optional[str] = None, progress: bool = True) -> Path:
+    """OpenAI CLIP weights: a model name ('ViT-B/16') -> cached file, downloaded and SHA-256 checked when missing;
+    an existing path -> returned as is."""
+    name = str(name_or_path)
+    if name in CLIP_URLS or url is not None:
+        url = url or CLIP_URLS[name]
+        dest = default_cache_dir(cache_dir) / Path(urllib.parse.urlparse(url).path).name
+        if dest.is_file():
+            return dest
+        print(f"CLIP weights {name} not found at {dest}", flush=True)
+        return download_file(url, dest, sha256=sha256_from_url(url), progress=progress)
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    raise FileNotFoundError(f"CLIP weights not found: {name!r} is neither a file nor one of the known models "
+                            f"{sorted(CLIP_URLS)}")

@@ -1,0 +1,29 @@
+"""Felzenszwalb superpixels (scale 224, sigma 0.9, min_size 224) for every image of a store (SPEC §6).
+
+    python preprocess/build_superpixels.py --store data/coco_store
+
+Writes STORE/superpixels_scale224_sigma9.0_min_size224.lmdb (key -> zlib-compressed .npy label map), where the
+loaders look for it with --use_seglabel. Rerunning resumes.
+"""
+import argparse
+import sys
+
+try:
+    from preprocess import _cli
+except ImportError:
+    import _cli
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--store", required=True, help="store folder written by build_coco.py / build_cc3m.py")
+    p.add_argument("--output", default=None, help="superpixel LMDB folder (default: inside the store)")
+    _cli.add_common_args(p, "maps")
+    a = p.parse_args(argv)
+    from dataloaders.build_stores import build_superpixel_store
+    return _cli.run(build_superpixel_store, store_dir=a.store, output=a.output, workers=a.workers,
+                    max_samples=a.max_samples, progress=not a.no_progress)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""main_seg_vis.py end to end: run as a script on real photos with the tiny reference checkpoint."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import main_seg_vis
+from seg_segmentation import visualize as vis
+
+# Prints the script's own peak memory after it ran (runpy keeps it a real `python main_seg_vis.py` process).
+PEAK_WRAPPER = ("import resource, runpy, sys\n"
+                "sys.argv = sys.argv[1:]\n"
+                "try:\n"
+                "    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+                "finally:\n"
+                "    print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n")
+
+
+def run_vis(repo_root, *args, timeout=300):
+    env = dict(os.environ, PYTHONPATH=str(repo_root), SEGCLIP_OFFLINE="1")
+    cmd = [sys.executable, "-c", PEAK_WRAPPER, str(repo_root / "main_seg_vis.py"), "--no_progress", *map(str, args)]
+    proc = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=timeout)
+    peak_kb = [int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("PEAK_RSS_KB")]
+    return proc, (peak_kb[0] if peak_kb else None)
+
+
+def check_outputs(out_dir: Path, name: str, size, modes, vocabulary):
+    """Every file of one image exists with the input's size; the PNG holds valid ids; the JSON agrees with it."""
+    png = Image.open(out_dir / "labels" / f"{name}.png")
+    assert png.mode == "P" and png.size == (size[1], size[0])
+    labels = np.asarray(png)
+    assert labels.max() < len(vocabulary)
+    for mode in modes:
+        if mode == "pred":  # the 2022 pred mode: a palette PNG of the label ids
+            pred = Image.open(out_dir / "vis_imgs" / "pred" / f"pred_{name}.png")
+            assert pred.mode == "P" and np.array_equal(np.asarray(pred), labels)
+            continue
+        jpg = out_dir / "vis_imgs" / mode / f"{mode}_{name}.jpg"
+        img = cv2.imread(str(jpg))
+        assert img is not None, jpg
+        assert img.shape[:2] == size, (jpg, img.shape)
+    summary = json.loads((out_dir / "labels" / f"{name}.json").read_text())
+    assert summary["vocabulary"] == vocabulary
+    assert (summary["height"], summary["width"]) == size
+    counts = np.bincount(labels.ravel(), minlength=len(vocabulary))
+    assert {c["name"]: c["pixels"] for c in summary["classes"]} == \
+        {vocabulary[i]: int(n) for i, n in enumerate(counts) if n}
+    assert abs(sum(c["share"] for c in summary["classes"]) - 1) < 1e-4
+    return labels
+
+
+def test_every_mode_with_own_classes(repo_root, tiny_checkpoint, tiny_model, tmp_path):
+    examples = repo_root / "demo" / "examples"
+    proc, _ = run_vis(repo_root, "--init_model", tiny_checkpoint, "--input", examples, "--output_dir", tmp_path,
+                      "--vis", "all", "--classes", "cat, wall, floor")
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote 4 image(s), skipped 0" in proc.stdout
+    vocabulary = ["background", "cat", "wall", "floor"]
+    for jpg in sorted(examples.glob("*.jpg")):
+        size = cv2.imread(str(jpg)).shape[:2]
+        labels = check_outputs(tmp_path, jpg.stem, size, vis.VIS_MODES, vocabulary)
+        if jpg.stem == "chelsea":
+            chelsea = labels
+    # The labels are the evaluation's prediction (SPEC §7.3) at the photo's size.
+    from seg_segmentation.inference import ZeroShotSegmentor
+    bgr = vis.read_image_bgr(examples / "chelsea.jpg")
+    seg = ZeroShotSegmentor(tiny_model, class_names=vocabulary[1:], bg_thresh=0.8)
+    expected = seg.predict(vis.preprocess(bgr), out_sizes=[bgr.shape[:2]])[0].numpy()
+    assert np.array_equal(chelsea, expected)
+    # 'input' is the photo itself
+    photo = cv2.imread(str(tmp_path / "vis_imgs" / "input" / "input_chelsea.jpg")).astype(int)
+    assert np.abs(photo - bgr).mean() < 3
+
+
+def _awkward_inputs(folder: Path, repo_root: Path) -> dict:
+    """Formats people feed a demo. Returns name -> (height, width) of the good ones."""
+    astronaut = np.asarray(Image.open(repo_root / "demo" / "examples" / "astronaut.jpg"))
+    Image.fromarray(astronaut[..., 0]).save(folder / "gray.png")
+    Image.fromarray(np.dstack([astronaut, np.full(astronaut.shape[:2], 90, np.uint8)])).save(folder / "rgba.png")
+    cv2.imwrite(str(folder / "deep.png"), cv2.resize(astronaut, (200, 150)).astype(np.uint16) * 257)  # 16-bit
+    Image.fromarray(astronaut).convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray(cv2.resize(astronaut, (9, 7))).save(folder / "tiny.png")            # smaller than a patch
+    Image.fromarray(cv2.resize(astronaut, (2600, 24))).save(folder / "strip.png")       # < one window after resize
+    cv2.imwrite(str(folder / "large.jpg"), cv2.resize(astronaut, (4200, 3000)), [cv2.IMWRITE_JPEG_QUALITY, 80])
+    (folder / "notes.jpg").write_text("this is not an image")
+    return {"gray": (512, 512), "rgba": (512, 512), "deep": (150, 200), "cmyk": (512, 512), "tiny": (7, 9),
+            "strip": (24, 2600), "large": (3000, 4200)}
+
+
+def test_awkward_inputs_and_a_large_photo(repo_root, tiny_checkpoint, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    good = _awkward_inputs(folder, repo_root)
+    out = tmp_path / "out"
+    modes = ["input_pred_label", "all_groups"]
+    # default vocabulary: VOC's 21 labels, so full-size float scores would be 21 x 12.6 MP = 1.06 GB per copy
+    proc, peak_kb = run_vis(repo_root, "--init_model", tiny_checkpoint, "--input", folder, "--output_dir", out,
+                            "--vis", *modes)
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped 1" in proc.stdout and "notes.jpg" in proc.stderr and "not a readable image" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    from seg_segmentation.classes import VOC_CLASSES
+    for name, size in good.items():
+        check_outputs(out, name, size, modes, VOC_CLASSES)
+    assert peak_kb is not None and peak_kb < 1_500_000, f"peak memory {peak_kb / 1e6:.2f} GB"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--input", "{tmp}/nope.jpg"], "input not found"),
+    (["--classes", "cat, , dog"], "empty name"),
+    (["--classes", "cat, dog, cat"], "duplicate class name 'cat'"),
+    (["--classes", "  "], "empty name"),
+    (["--classes", "background, cat"], "added automatically"),
+    (["--classes_file", "{tmp}/none.txt"], "cannot read"),
+    (["--init_model", "{tmp}/missing.bin"], "checkpoint not found"),
+    (["--init_model", "{tmp}/junk.bin"], "not a weights-only"),
+    (["--init_model", "{tmp}/clip_like.bin"], "not a SegCLIP"),
+    (["--input", "{tmp}/text.jpg"], "not a readable image"),
+    (["--device", "tpu9"], "not a device"),
+])
+def test_bad_input_gives_clear_error(argv, message, tmp_path, tiny_checkpoint, capsys):
+    (tmp_path / "junk.bin").write_bytes(b"\x00garbage")
+    torch.save({"visual.proj": torch.zeros(2, 2)}, tmp_path / "clip_like.bin")
+    (tmp_path / "text.jpg").write_text("hello")
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    base = ["--input", str(tmp_path / "text.jpg"), "--init_model", str(tiny_checkpoint),
+            "--output_dir", str(tmp_path / "o"), "--no_progress"]
+    rc = main_seg_vis.main(base + argv)
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert message in err, err
+
+
+def test_cli_validation(capsys):
+    for argv in (["--classes", "a", "--classes_file", "f"], ["--bg_thresh", "1.5"], ["--vis", "bogus"],
+                 ["--stride", "300"], ["--crop_size", "0"]):
+        with pytest.raises(SystemExit) as e:
+            main_seg_vis.get_args(argv)
+        assert e.value.code == 2
+    assert main_seg_vis.get_args(["--vis", "all"]).vis == list(vis.VIS_MODES)
+
+
+def test_default_checkpoint_from_cache(repo_root, tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """No --init_model: <cache>/segclip.bin is used; when missing and offline, the error says what to fetch."""
+    image = repo_root / "demo" / "examples" / "coffee.jpg"
+    monkeypatch.setenv("SEGCLIP_OFFLINE", "1")
+    monkeypatch.setenv("SEGCLIP_CACHE", str(tmp_path / "cache"))
+    args = ["--input", str(image), "--output_dir", str(tmp_path / "o"), "--vis", "pred", "--no_progress",
+            "--classes_file", str(repo_root / "demo" / "examples" / "coffee.txt"), "--no_bg"]
+    assert main_seg_vis.main(args) == 1
+    err = capsys.readouterr().err
+    assert "segclip.bin" in err and "https://github.com/ArrowLuo/SegCLIP/releases" in err and "curl" in err
+    assert not (tmp_path / "cache" / "segclip.bin").exists()
+    (tmp_path / "cache").mkdir(exist_ok=True)
+    shutil.copy(tiny_checkpoint, tmp_path / "cache" / "segclip.bin")
+    assert main_seg_vis.main(args) == 0
+    summary = json.loads((tmp_path / "o" / "labels" / "coffee.json").read_text())
+    assert summary["vocabulary"] == ["cup", "saucer", "spoon", "table"] and summary["background"] is False
+    assert (tmp_path / "o" / "vis_imgs" / "pred" / "pred_coffee.png").is_file()
