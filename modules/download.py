@@ -123,46 +123,15 @@ def download_file(url: str, dest: PathLike, sha256: Optional[str] = None,
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The released checkpoint's key set, derived from the model's structure (SPEC §2, §9) rather than read from a list.
+# The released checkpoint's key set, read off the model itself (SPEC §2, §9), built on the meta device (no memory).
 
-def segclip_checkpoint_keys(text_layers: int = 12, vision_layers: int = 12, first_stage_layer: int = 10,
-                            mae_layers: int = 2, cross_att_blocks: int = 2, decoder_blocks: int = 3,
-                            with_mae_decoder: bool = True) -> set:
-    """Names of every tensor in a SegCLIP state dict (415 for the released ViT-B/16 checkpoint)."""
-    block = ["attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias",
-             "ln_1.weight", "ln_1.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias",
-             "ln_2.weight", "ln_2.bias"]
-    keys = {"clip.positional_embedding", "clip.text_projection", "clip.logit_scale", "clip.token_embedding.weight",
-            "clip.ln_final.weight", "clip.ln_final.bias",
-            "clip.visual.class_embedding", "clip.visual.positional_embedding", "clip.visual.proj",
-            "clip.visual.conv1.weight", "clip.visual.ln_pre.weight", "clip.visual.ln_pre.bias",
-            "clip.visual.ln_post.weight", "clip.visual.ln_post.bias"}
-    stacks = {"clip.transformer.resblocks": text_layers,
-              "clip.visual.transformer.layers0": first_stage_layer,
-              "clip.visual.transformer.layers2": vision_layers - first_stage_layer,
-              "clip.visual.transformer.layers_mae2": mae_layers}
-    for prefix, n in stacks.items():
-        keys |= {f"{prefix}.{i}.{name}" for i in range(n) for name in block}
-    center = "clip.visual.transformer.semantic_layer2"
-    cross = [n for n in block if not n.startswith("ln_1")] + ["ln_x.weight", "ln_x.bias", "ln_k.weight", "ln_k.bias"]
-    keys |= {f"{center}.cross_att.{i}.{name}" for i in range(cross_att_blocks) for name in cross}
-    keys |= {f"{center}.{name}" for name in ["semantic_center", "k_conv.weight", "v_conv.weight",
-                                             "norm.weight", "norm.bias", "cross_ln.weight", "cross_ln.bias",
-                                             "k_ln.weight", "k_ln.bias", "proj_o.ln.weight", "proj_o.ln.bias",
-                                             "proj_o.mlp.fc1.weight", "proj_o.mlp.fc1.bias",
-                                             "proj_o.mlp.fc2.weight", "proj_o.mlp.fc2.bias"]}
-    keys |= {"clip.visual.transformer.reconstruct_layer2.rec_proj_a.a_fc.weight",
-             "clip.visual.transformer.reconstruct_layer2.rec_proj_a.a_fc.bias"}
-    if with_mae_decoder:
-        dec = ["norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
-               "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias",
-               "mlp.fc2.weight", "mlp.fc2.bias"]
-        keys |= {f"vis_mae_decoder.decoder_blocks.{i}.{name}" for i in range(decoder_blocks) for name in dec}
-        keys |= {f"vis_mae_decoder.{name}" for name in ["mask_token", "decoder_pos_embed", "decoder_embed.weight",
-                                                        "decoder_embed.bias", "decoder_norm.weight",
-                                                        "decoder_norm.bias", "decoder_pred.weight",
-                                                        "decoder_pred.bias"]}
-    return keys
+def segclip_checkpoint_keys(**config) -> set:
+    """Names of every tensor of a SegCLIP model with ``SegCLIPConfig(**config)`` — the defaults are the released
+    ViT-B/16 checkpoint (415 keys)."""
+    import torch
+    from .modeling import SegCLIP, SegCLIPConfig
+    with torch.device("meta"):
+        return set(SegCLIP(SegCLIPConfig(**config)).state_dict())
 
 
 def check_segclip_keys(state_dict: Dict, expected: Optional[set] = None) -> None:

@@ -159,7 +159,7 @@ def test_expected_keys_match_released_checkpoint(vitb16_keys, reference):
     assert segclip_checkpoint_keys() == set(vitb16_keys["keys"])
     assert len(segclip_checkpoint_keys()) == 415
     # The same structure, sized like the tiny reference model (2 text layers), names its keys exactly too.
-    check_segclip_keys(reference["segclip_state_dict"], segclip_checkpoint_keys(text_layers=2))
+    check_segclip_keys(reference["segclip_state_dict"], segclip_checkpoint_keys(text_layers=2, text_width=64, vision_width=64))
     with pytest.raises(ValueError, match="missing"):
         check_segclip_keys(reference["segclip_state_dict"])
 
