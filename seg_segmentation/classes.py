@@ -1,0 +1,125 @@
+"""Class names and background thresholds of the zero-shot benchmarks (SPEC §7.3, §7.4).
+
+Index i of ``DATASET_CLASSES[name]`` is label value i in the ground truth the evaluation compares against (after
+mmseg's ``reduce_zero_label`` where the dataset uses it). A list that starts with ``'background'`` means the
+background channel comes from the threshold ``BG_THRESH[name]`` and is never encoded as text.
+"""
+
+VOC_CLASSES = [
+    'background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair', 'cow', 'table',
+    'dog', 'horse', 'motorbike', 'person', 'plant', 'sheep', 'sofa', 'train', 'monitor',
+]
+
+# mmseg's PascalContextDataset names with aeroplane->airplane, pottedplant->plant, tvmonitor->monitor (SPEC §7.4).
+CONTEXT_CLASSES = [
+    'background', 'airplane', 'bag', 'bed', 'bedclothes', 'bench', 'bicycle', 'bird', 'boat', 'book', 'bottle',
+    'building', 'bus', 'cabinet', 'car', 'cat', 'ceiling', 'chair', 'cloth', 'computer', 'cow', 'cup', 'curtain',
+    'dog', 'door', 'fence', 'floor', 'flower', 'food', 'grass', 'ground', 'horse', 'keyboard', 'light', 'motorbike',
+    'mountain', 'mouse', 'person', 'plate', 'platform', 'plant', 'road', 'rock', 'sheep', 'shelves', 'sidewalk',
+    'sign', 'sky', 'snow', 'sofa', 'table', 'track', 'train', 'tree', 'truck', 'monitor', 'wall', 'water', 'window',
+    'wood',
+]
+
+COCO_THINGS = [
+    'person', 'bicycle', 'car', 'motorcycle', 'airplane', 'bus', 'train', 'truck', 'boat', 'traffic light',
+    'fire hydrant', 'stop sign', 'parking meter', 'bench', 'bird', 'cat', 'dog', 'horse', 'sheep', 'cow', 'elephant',
+    'bear', 'zebra', 'giraffe', 'backpack', 'umbrella', 'handbag', 'tie', 'suitcase', 'frisbee', 'skis', 'snowboard',
+    'sports ball', 'kite', 'baseball bat', 'baseball glove', 'skateboard', 'surfboard', 'tennis racket', 'bottle',
+    'wine glass', 'cup', 'fork', 'knife', 'spoon', 'bowl', 'banana', 'apple', 'sandwich', 'orange', 'broccoli',
+    'carrot', 'hot dog', 'pizza', 'donut', 'cake', 'chair', 'couch', 'potted plant', 'bed', 'dining table', 'toilet',
+    'tv', 'laptop', 'mouse', 'remote', 'keyboard', 'cell phone', 'microwave', 'oven', 'toaster', 'sink',
+    'refrigerator', 'book', 'clock', 'vase', 'scissors', 'teddy bear', 'hair drier', 'toothbrush',
+]
+COCO_OBJECT_CLASSES = ['background'] + COCO_THINGS
+
+# COCO-Stuff-164k: mmseg's 171 names (80 things + 91 stuff), with the annotation-tool suffixes turned into words a
+# text encoder understands: 'wall-brick' -> 'brick wall', 'sky-other' / 'desk-stuff' -> 'sky' / 'desk'.
+_COCO_STUFF_MMSEG = [
+    'banner', 'blanket', 'branch', 'bridge', 'building-other', 'bush', 'cabinet', 'cage', 'cardboard', 'carpet',
+    'ceiling-other', 'ceiling-tile', 'cloth', 'clothes', 'clouds', 'counter', 'cupboard', 'curtain', 'desk-stuff',
+    'dirt', 'door-stuff', 'fence', 'floor-marble', 'floor-other', 'floor-stone', 'floor-tile', 'floor-wood', 'flower',
+    'fog', 'food-other', 'fruit', 'furniture-other', 'grass', 'gravel', 'ground-other', 'hill', 'house', 'leaves',
+    'light', 'mat', 'metal', 'mirror-stuff', 'moss', 'mountain', 'mud', 'napkin', 'net', 'paper', 'pavement', 'pillow',
+    'plant-other', 'plastic', 'platform', 'playingfield', 'railing', 'railroad', 'river', 'road', 'rock', 'roof',
+    'rug', 'salad', 'sand', 'sea', 'shelf', 'sky-other', 'skyscraper', 'snow', 'solid-other', 'stairs', 'stone',
+    'straw', 'structural-other', 'table', 'tent', 'textile-other', 'towel', 'tree', 'vegetable', 'wall-brick',
+    'wall-concrete', 'wall-other', 'wall-panel', 'wall-stone', 'wall-tile', 'wall-wood', 'water-other', 'waterdrops',
+    'window-blind', 'window-other', 'wood',
+]
+
+
+def _readable_stuff_name(name: str) -> str:
+    base, _, kind = name.partition('-')
+    if not kind or kind in ('other', 'stuff', 'merged'):
+        return base
+    return f'{kind} {base}'
+
+
+COCO_STUFF_CLASSES = COCO_THINGS + [_readable_stuff_name(n) for n in _COCO_STUFF_MMSEG]
+
+CITYSCAPES_CLASSES = [
+    'road', 'sidewalk', 'building', 'wall', 'fence', 'pole', 'traffic light', 'traffic sign', 'vegetation',
+    'terrain', 'sky', 'person', 'rider', 'car', 'truck', 'bus', 'train', 'motorcycle', 'bicycle',
+]
+
+# mmseg's ADE20KDataset names (with its stray trailing space in 'bed ' removed).
+ADE20K_CLASSES = [
+    'wall', 'building', 'sky', 'floor', 'tree', 'ceiling', 'road', 'bed', 'windowpane', 'grass', 'cabinet',
+    'sidewalk', 'person', 'earth', 'door', 'table', 'mountain', 'plant', 'curtain', 'chair', 'car', 'water',
+    'painting', 'sofa', 'shelf', 'house', 'sea', 'mirror', 'rug', 'field', 'armchair', 'seat', 'fence', 'desk', 'rock',
+    'wardrobe', 'lamp', 'bathtub', 'railing', 'cushion', 'base', 'box', 'column', 'signboard', 'chest of drawers',
+    'counter', 'sand', 'sink', 'skyscraper', 'fireplace', 'refrigerator', 'grandstand', 'path', 'stairs', 'runway',
+    'case', 'pool table', 'pillow', 'screen door', 'stairway', 'river', 'bridge', 'bookcase', 'blind',
+    'coffee table', 'toilet', 'flower', 'book', 'hill', 'bench', 'countertop', 'stove', 'palm', 'kitchen island',
+    'computer', 'swivel chair', 'boat', 'bar', 'arcade machine', 'hovel', 'bus', 'towel', 'light', 'truck', 'tower',
+    'chandelier', 'awning', 'streetlight', 'booth', 'television receiver', 'airplane', 'dirt track', 'apparel',
+    'pole', 'land', 'bannister', 'escalator', 'ottoman', 'bottle', 'buffet', 'poster', 'stage', 'van', 'ship',
+    'fountain', 'conveyer belt', 'canopy', 'washer', 'plaything', 'swimming pool', 'stool', 'barrel', 'basket',
+    'waterfall', 'tent', 'bag', 'minibike', 'cradle', 'oven', 'ball', 'food', 'step', 'tank', 'trade name',
+    'microwave', 'pot', 'animal', 'bicycle', 'lake', 'dishwasher', 'screen', 'blanket', 'sculpture', 'hood', 'sconce',
+    'vase', 'traffic light', 'tray', 'ashcan', 'fan', 'pier', 'crt screen', 'plate', 'monitor', 'bulletin board',
+    'shower', 'radiator', 'glass', 'clock', 'flag',
+]
+
+DATASET_CLASSES = {
+    'voc': VOC_CLASSES,                       # 21, background from the threshold
+    'context': CONTEXT_CLASSES,               # 60, background from the threshold
+    'coco': COCO_OBJECT_CLASSES,              # 81 = COCO-Object, background from the threshold
+    'voc20': VOC_CLASSES[1:],                 # 20, VOC background pixels ignored
+    'context59': CONTEXT_CLASSES[1:],         # 59, Context background pixels ignored
+    'coco_stuff': COCO_STUFF_CLASSES,         # 171
+    'cityscapes': CITYSCAPES_CLASSES,         # 19
+    'ade20k': ADE20K_CLASSES,                 # 150
+}
+
+# SegCLIP's thresholds (SPEC §7.3). The other five benchmarks have no background class, so no threshold applies.
+BG_THRESH = {'voc': 0.80, 'context': 0.25, 'coco': 0.65}
+
+
+def has_background(dataset: str) -> bool:
+    return DATASET_CLASSES[dataset][0] == 'background'
+
+
+def foreground_names(class_names):
+    """The names that get a text embedding: every class but a leading 'background'."""
+    names = list(class_names)
+    return names[1:] if names and names[0] == 'background' else names
+
+
+def validate_class_names(names, source: str = 'class names'):
+    """Raise a ValueError naming the problem for empty, blank or duplicate names."""
+    names = [str(n) for n in names]
+    if not names:
+        raise ValueError(f'{source}: no class names')
+    seen = {}
+    for i, n in enumerate(names):
+        if not n.strip():
+            raise ValueError(f'{source}: class {i} has an empty name')
+        if n.strip() in seen:
+            raise ValueError(f'{source}: duplicate class name {n.strip()!r} (classes {seen[n.strip()]} and {i})')
+        seen[n.strip()] = i
+    return [n.strip() for n in names]
+
+
+for _name, _classes in DATASET_CLASSES.items():
+    validate_class_names(_classes, _name)

@@ -1,0 +1,220 @@
+"""Zero-shot segmentation with a SegCLIP model (SPEC §7.1 - §7.3).
+
+    seg = ZeroShotSegmentor(model, class_names=['cat', 'dog'], bg_thresh=0.8)
+    logits = seg.crop_logits(crops)                 # [B,3,h,w] -> [B,1+N,h,w]
+    probs = seg.slide_probs(image, crop=224, stride=224)
+
+Each crop goes through the visual tower once (the 2022 code ran it twice: once for the assignment map, once for the
+group embeddings), and the crops of one image - and of several images - are batched. Both give the same numbers
+because the visual pass is per sample.
+"""
+import contextlib
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from modules.tokenization_clip import tokenize
+
+from .classes import foreground_names, validate_class_names
+from .templates import get_templates
+
+IntPair = Union[int, Tuple[int, int]]
+
+
+def _pair(x: IntPair) -> Tuple[int, int]:
+    return (int(x), int(x)) if isinstance(x, int) else (int(x[0]), int(x[1]))
+
+
+def unwrap_model(model):
+    """The SegCLIP inside a DistributedDataParallel / DataParallel wrapper."""
+    return getattr(model, 'module', model)
+
+
+def model_device(model) -> torch.device:
+    return next(unwrap_model(model).parameters()).device
+
+
+@torch.no_grad()
+def build_text_embedding(model, class_names: Sequence[str], templates='simple', chunk: int = 256) -> torch.Tensor:
+    """class names -> [N, D]: every template filled with the name, encoded, averaged over templates (no per-template
+    normalisation, as in 2022), then L2-normalised. Tokens are the 77-long evaluation layout."""
+    model = unwrap_model(model)
+    names = validate_class_names(class_names)
+    formats = get_templates(templates)
+    texts = [t.format(name) for name in names for t in formats]
+    tokens = tokenize(texts).to(model_device(model))                        # [N*T, 77]
+    embeds = torch.cat([model.encode_text(tokens[i:i + chunk]).float() for i in range(0, len(tokens), chunk)])
+    embeds = embeds.reshape(len(names), len(formats), -1).mean(dim=1)       # [N, D]
+    return F.normalize(embeds, dim=-1)
+
+
+def slide_windows(height: int, width: int, crop: IntPair = 224, stride: IntPair = 224) -> List[Tuple[int, int, int, int]]:
+    """mmseg's sliding windows (y1, y2, x1, x2): the last row/column is shifted back inside the image; a side
+    smaller than the crop gives one window covering that whole side."""
+    (ch, cw), (sh, sw) = _pair(crop), _pair(stride)
+    if min(ch, cw, sh, sw) <= 0:
+        raise ValueError(f'crop {crop} and stride {stride} must be positive')
+    rows = max(height - ch + sh - 1, 0) // sh + 1
+    cols = max(width - cw + sw - 1, 0) // sw + 1
+    windows = []
+    for r in range(rows):
+        for c in range(cols):
+            y2, x2 = min(r * sh + ch, height), min(c * sw + cw, width)
+            windows.append((max(y2 - ch, 0), y2, max(x2 - cw, 0), x2))
+    return windows
+
+
+class ZeroShotSegmentor:
+    """Names image regions with text: SegCLIP's group tokens matched to class-name embeddings (SPEC §7.2).
+
+    Args:
+        model: a SegCLIP (or a DDP wrapper of one); it is put in eval mode by the caller.
+        class_names: names to encode; a leading 'background' is dropped (background comes from the threshold).
+        text_embedding: [N, D] precomputed class embeddings (L2-normalised); overrides ``class_names``.
+        templates: 'simple' | 'subset' | 'full' | 'identity' or a list of format strings.
+        with_bg: add channel 0 = background where no class is confident enough.
+        bg_thresh: the background threshold (VOC 0.80, Context 0.25, COCO-Object 0.65).
+        amp_dtype: run the visual tower under autocast with this dtype (e.g. torch.bfloat16 on GPU); the head
+            always computes in float32.
+    """
+
+    def __init__(self, model, class_names: Optional[Sequence[str]] = None,
+                 text_embedding: Optional[torch.Tensor] = None, templates='simple', with_bg: bool = True,
+                 bg_thresh: float = 0.8, amp_dtype: Optional[torch.dtype] = None):
+        self.model = unwrap_model(model)
+        self.device = model_device(self.model)
+        if text_embedding is None:
+            if class_names is None:
+                raise ValueError('give class_names or text_embedding')
+            self.class_names = foreground_names(validate_class_names(class_names))
+            text_embedding = build_text_embedding(self.model, self.class_names, templates)
+        else:
+            if text_embedding.dim() != 2:
+                raise ValueError(f'text_embedding must be [N, D], got {tuple(text_embedding.shape)}')
+            self.class_names = None if class_names is None else foreground_names(class_names)
+        self.text_embedding = text_embedding.detach().float().to(self.device)   # [N, D]
+        self.with_bg = bool(with_bg)
+        self.bg_thresh = float(bg_thresh)
+        self.amp_dtype = amp_dtype
+
+    @property
+    def num_classes(self) -> int:
+        """Output channels: N (+1 with background)."""
+        return self.text_embedding.shape[0] + int(self.with_bg)
+
+    # ------------------------------------------------------------------ per crop (SPEC §7.2)
+    def _autocast(self):
+        if self.amp_dtype is None or self.amp_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    @torch.no_grad()
+    def encode(self, crops: torch.Tensor):
+        """One visual pass: crops [B,3,h,w] -> (soft_attn [B,G,L], group_embeds [B,G,D], image_embed [B,D]) fp32.
+
+        A side that is not a multiple of the patch size (a window on an image thinner than the crop) loses its
+        remainder pixels, as the 2022 patch convolution did; ``head`` still spreads the map over the whole crop."""
+        p = self.model.patch_size
+        h, w = crops.shape[-2:]
+        if h < p or w < p:
+            raise ValueError(f'a {h}x{w} window is smaller than one {p}x{p} patch')
+        crops = crops[..., :h - h % p, :w - w % p]
+        with self._autocast():
+            out = self.model.encode_image(crops.to(self.device, non_blocking=True))
+        return out.soft_attn.float(), out.group_embeds.float(), out.image_embed.float()
+
+    @torch.no_grad()
+    def head(self, soft_attn: torch.Tensor, group_embeds: torch.Tensor, image_embed: torch.Tensor,
+             size: Tuple[int, int]) -> torch.Tensor:
+        """Visual outputs of B crops of ``size`` (h, w) -> logits [B, C, h, w]."""
+        h, w = size
+        p = self.model.patch_size
+        B, G, L = soft_attn.shape
+        gh, gw = h // p, w // p
+        if gh * gw != L:
+            raise ValueError(f'{L} patches do not tile a {h}x{w} crop with patch size {p}')
+        # assignment map: soft assignment resized to pixels, then each pixel's best center
+        amap = F.interpolate(soft_attn.reshape(B, G, gh, gw), size=(h, w), mode='bilinear', align_corners=False)
+        center = amap.argmax(dim=1)                                                # [B, h, w]
+
+        text = self.text_embedding
+        s = self.model.logit_scale_value().float()
+        gaff = (F.normalize(group_embeds, dim=-1) @ text.T) * s                   # [B, G, N]
+        pre = gaff.softmax(dim=-1)
+        img_prob = ((F.normalize(image_embed, dim=-1) @ text.T) * s).softmax(dim=-1)   # [B, N]
+        keep = torch.zeros_like(img_prob, dtype=torch.bool)
+        keep.scatter_(1, img_prob.topk(k=min(5, text.shape[0]), dim=-1).indices, True)
+        # only the image's top-5 classes may win a group; re-weighted by the unfiltered group-class softmax
+        gaff = gaff.masked_fill(~keep[:, None, :], float('-inf')).softmax(dim=-1) * pre   # [B, G, N]
+
+        # one-hot(center) @ gaff == picking each pixel's center row (exact: the other terms are 0 * finite)
+        fg = torch.gather(gaff, 1, center.reshape(B, h * w, 1).expand(-1, -1, gaff.shape[-1]))  # [B, hw, N]
+        fg = fg.transpose(1, 2).reshape(B, -1, h, w)                              # [B, N, h, w]
+        if not self.with_bg:
+            return fg
+        thresh = gaff.flatten(1).amax(dim=1).clamp(max=self.bg_thresh)           # min(bg_thresh, max(gaff)) [B]
+        bg = (fg.amax(dim=1) < thresh[:, None, None]).to(fg.dtype)              # [B, h, w]
+        return torch.cat([bg[:, None], fg], dim=1)
+
+    @torch.no_grad()
+    def crop_logits(self, crops: torch.Tensor) -> torch.Tensor:
+        """crops [B, 3, h, w] (normalised) -> [B, C, h, w]; C = 1 + N with background, else N."""
+        return self.head(*self.encode(crops), size=tuple(crops.shape[-2:]))
+
+    # ------------------------------------------------------------------ whole images (SPEC §7.3)
+    @torch.no_grad()
+    def slide_logits(self, images: Union[torch.Tensor, Sequence[torch.Tensor]], crop: IntPair = 224,
+                     stride: IntPair = 224, batch_size: int = 16, head_chunk: int = 8) -> List[torch.Tensor]:
+        """Window-averaged logits of one or several images.
+
+        images: [B,3,H,W] or a list of [3,H_i,W_i] (sizes may differ) -> list of [C, H_i, W_i] on the model device.
+        The windows of all images are pooled and run ``batch_size`` at a time.
+        """
+        if isinstance(images, torch.Tensor) and images.dim() == 4:
+            images = list(images)
+        if batch_size < 1:
+            raise ValueError(f'batch_size must be >= 1, got {batch_size}')
+        C = self.num_classes
+        sums, counts, jobs = [], [], {}
+        for i, img in enumerate(images):
+            if img.dim() != 3 or img.shape[0] != 3:
+                raise ValueError(f'expected an image [3, H, W], got {tuple(img.shape)}')
+            H, W = img.shape[-2:]
+            sums.append(torch.zeros(C, H, W, device=self.device))
+            counts.append(torch.zeros(1, H, W, device=self.device))
+            for y1, y2, x1, x2 in slide_windows(H, W, crop, stride):
+                jobs.setdefault((y2 - y1, x2 - x1), []).append((i, y1, y2, x1, x2))
+        for size, windows in jobs.items():          # windows of equal size batch together
+            for start in range(0, len(windows), batch_size):
+                part = windows[start:start + batch_size]
+                crops = torch.stack([images[i][:, y1:y2, x1:x2] for i, y1, y2, x1, x2 in part])
+                soft, groups, embed = self.encode(crops)
+                for k in range(0, len(part), head_chunk):   # bounded memory: [chunk, C, h, w] at a time
+                    logits = self.head(soft[k:k + head_chunk], groups[k:k + head_chunk],
+                                       embed[k:k + head_chunk], size)
+                    for (i, y1, y2, x1, x2), lg in zip(part[k:k + head_chunk], logits):
+                        sums[i][:, y1:y2, x1:x2] += lg
+                        counts[i][:, y1:y2, x1:x2] += 1
+        return [s / c for s, c in zip(sums, counts)]
+
+    @torch.no_grad()
+    def slide_probs(self, image: torch.Tensor, crop: IntPair = 224, stride: IntPair = 224,
+                    batch_size: int = 16) -> torch.Tensor:
+        """image [1, 3, H, W] -> [1, C, H, W]: softmax over classes of the window-averaged logits."""
+        logits = self.slide_logits(image, crop, stride, batch_size)
+        return torch.stack(logits).softmax(dim=1)
+
+    @torch.no_grad()
+    def predict(self, images: Union[torch.Tensor, Sequence[torch.Tensor]], out_sizes: Optional[Sequence] = None,
+                crop: IntPair = 224, stride: IntPair = 224, batch_size: int = 16) -> List[torch.Tensor]:
+        """Label maps: window-averaged logits resized (bilinear) to ``out_sizes`` (default: input size), softmax,
+        argmax -> list of [H_i, W_i] int64, as mmseg's slide inference did."""
+        logits = self.slide_logits(images, crop, stride, batch_size)
+        preds = []
+        for i, lg in enumerate(logits):
+            size = tuple(lg.shape[-2:]) if out_sizes is None else tuple(int(v) for v in out_sizes[i])
+            if size != tuple(lg.shape[-2:]):
+                lg = F.interpolate(lg[None], size=size, mode='bilinear', align_corners=False)[0]
+            preds.append(lg.softmax(dim=0).argmax(dim=0))
+        return preds
