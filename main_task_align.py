@@ -1,0 +1,215 @@
+"""SegCLIP pretraining on image-caption pairs (SPEC §4-§6).
+
+The published run (8 GPUs x 96 = global batch 768, 10 epochs):
+
+    torchrun --nproc_per_node=8 main_task_align.py --do_pretrain --num_thread_reader=10 --epochs=10 \\
+        --batch_size=768 --n_display=50 --output_dir ckpts/ckpt_segclip --lr 4e-3 --max_words 32 \\
+        --datatype cc,coco, --lower_lr 4e-6 --use_pin_memory --use_seglabel --use_vision_mae_recon
+
+Also runs under ``python -m torch.distributed.launch`` and as a single ``python`` process (CPU when no CUDA).
+"""
+import argparse
+import json
+import logging
+import os
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger("segclip.train")
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="SegCLIP pretraining (image-caption contrastive + superpixel KL + MAE)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--do_pretrain", action="store_true", help="run pretraining (required, as in the 2022 script)")
+    # ---- model
+    p.add_argument("--pretrained_clip_name", default="ViT-B/16",
+                   help="CLIP weights to start from: a name (ViT-B/16, downloaded and SHA-256 checked) or a file "
+                        "(OpenAI TorchScript archive or plain state dict)")
+    p.add_argument("--cache_dir", default=None, help="where named CLIP weights are downloaded to")
+    p.add_argument("--init_model", default=None,
+                   help="SegCLIP state dict loaded on top of the CLIP initialisation (e.g. pytorch_model.bin.N)")
+    p.add_argument("--first_stage_layer", type=int, default=10, help="visual blocks before the learnable centers")
+    p.add_argument("--use_vision_mae_recon", action="store_true", help="add the MAE reconstruction loss")
+    p.add_argument("--mae_vis_mask_ratio", type=float, default=0.75, help="fraction of patches the MAE pass removes")
+    p.add_argument("--use_seglabel", action="store_true", help="add the superpixel KL loss (needs superpixel data)")
+    p.add_argument("--freeze_layer_num", type=int, default=0,
+                   help="freeze the visual and text blocks below this index (0..12); -1 disables the freezing loop. "
+                        "0 still freezes the embeddings, conv1 and ln_pre (2022 behaviour)")
+    p.add_argument("--freeze_text_layer_num", type=int, default=0,
+                   help="> 0: also freeze the text embeddings and the text blocks below this index")
+    # ---- optimisation
+    p.add_argument("--batch_size", type=int, default=256,
+                   help="GLOBAL batch per optimizer step (split over processes and accumulation steps)")
+    p.add_argument("--epochs", type=int, default=20, help="training epochs")
+    p.add_argument("--lr", type=float, default=1e-4, help="LR of the new parts (centers, layers2, MAE, proj)")
+    p.add_argument("--lower_lr", type=float, default=0.0, help="LR of inherited CLIP parts; 0 means lr * coef_lr")
+    p.add_argument("--lower_text_lr", type=float, default=0.0,
+                   help="LR of the text token/positional embeddings; 0 means lower_lr")
+    p.add_argument("--coef_lr", type=float, default=1.0, help="lower_lr = lr * coef_lr when --lower_lr is 0")
+    p.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay (not on biases)")
+    p.add_argument("--opt_b1", type=float, default=0.9, help="AdamW beta1")
+    p.add_argument("--opt_b2", type=float, default=0.98, help="AdamW beta2")
+    p.add_argument("--eps", type=float, default=1e-6, help="AdamW epsilon")
+    p.add_argument("--warmup_proportion", type=float, default=0.15, help="fraction of steps with linear warm-up")
+    p.add_argument("--lr_start", type=float, default=0.0, help="warm-up start LR as a fraction of each group's LR")
+    p.add_argument("--lr_end", type=float, default=0.0, help="final LR as a fraction of each group's LR")
+    p.add_argument("--clip_grad", type=float, default=1.0, help="max gradient norm (<= 0: no clipping)")
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off",
+                   help="autocast precision; off = fp32 (the published recipe); fp16 uses a gradient scaler")
+    p.add_argument("--seed", type=int, default=42, help="seed of initialisation, data order and augmentation")
+    p.add_argument("--max_words", type=int, default=77, help="caption tokens incl. SOT/EOT (the recipe uses 32)")
+    # ---- data loading
+    p.add_argument("--num_thread_reader", type=int, default=1, help="DataLoader worker processes per GPU/process")
+    p.add_argument("--use_pin_memory", action="store_true", help="pin host memory of batches (CUDA only)")
+    p.add_argument("--steps_per_epoch", type=int, default=0,
+                   help="optimizer steps per epoch for a streaming dataset that has no length")
+    # ---- output, checkpoints, resuming
+    p.add_argument("--output_dir", required=True, help="checkpoints, training state and log.txt go here")
+    p.add_argument("--save_every_steps", type=int, default=0,
+                   help="also write the training state every N optimizer steps (0: at epoch ends only)")
+    p.add_argument("--resume_model", default=None,
+                   help="training_state.pt to continue from (mid-epoch, same batches)")
+    p.add_argument("--resume", choices=["auto"], default=None,
+                   help="'auto': continue from OUTPUT_DIR/training_state.pt when it exists, else start fresh")
+    p.add_argument("--stop_after_steps", type=int, default=0,
+                   help="stop after this many optimizer steps in total (the schedule still spans --epochs); "
+                        "the state is saved so that --resume auto continues (for time-limited jobs)")
+    p.add_argument("--n_display", type=int, default=100, help="log every N optimizer steps")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    # ---- evaluation after each epoch
+    p.add_argument("--eval_data_root", default=None,
+                   help="zero-shot segmentation data (mmseg layout) evaluated after every epoch; none: skip")
+    p.add_argument("--eval_dataset", default="voc",
+                   help="which benchmark --eval_data_root holds: voc, context, coco (or another name "
+                        "seg_segmentation knows)")
+    p.add_argument("--eval_max_images", type=int, default=None,
+                   help="evaluate only the first N images of the split (quick checks)")
+    from modules.distributed import add_distributed_args
+    add_distributed_args(p)
+    try:
+        from dataloaders.pretrain import add_data_args
+    except ImportError as e:  # the data package is part of this repository; a broken checkout should say so
+        raise SystemExit(f"error: cannot import dataloaders.pretrain ({e})")
+    add_data_args(p)
+    args = p.parse_args(argv)
+    if not args.do_pretrain:
+        p.error("nothing to do: pass --do_pretrain")
+    if args.resume_model and args.resume:
+        p.error("give either --resume_model FILE or --resume auto, not both")
+    return args
+
+
+def setup_logging(output_dir: str, is_main: bool) -> None:
+    root = logging.getLogger()
+    root.handlers.clear()
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%m/%d %H:%M:%S")
+    stream = logging.StreamHandler(sys.stdout)
+    stream.setFormatter(fmt)
+    root.addHandler(stream)
+    if is_main:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(os.path.join(output_dir, "log.txt"))
+        fh.setFormatter(fmt)
+        root.addHandler(fh)
+    root.setLevel(logging.INFO if is_main else logging.WARNING)
+
+
+def build_model(args):
+    """SegCLIP from CLIP weights, ``--init_model`` on top, freezing applied."""
+    from modules.checkpoint import load_into, load_state_dict_file
+    from modules.modeling import SegCLIP
+    from modules.optimization import apply_freezing
+    model = SegCLIP.from_clip(args.pretrained_clip_name, first_stage_layer=args.first_stage_layer,
+                              use_vision_mae_recon=args.use_vision_mae_recon, use_seglabel=args.use_seglabel,
+                              cache_dir=args.cache_dir, mae_mask_ratio=args.mae_vis_mask_ratio)
+    if args.init_model:
+        load_into(model, load_state_dict_file(args.init_model), strict=True)
+        logger.info("loaded --init_model %s", args.init_model)
+    frozen = apply_freezing(model, args.freeze_layer_num, args.freeze_text_layer_num)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("parameters: %.2fM trainable, %.2fM total; frozen tensors: %s", n_train / 1e6,
+                sum(p.numel() for p in model.parameters()) / 1e6, ", ".join(frozen))
+    return model
+
+
+def make_eval_fn(args, device):
+    if not args.eval_data_root:
+        logger.info("no --eval_data_root: skipping the zero-shot evaluation after each epoch")
+        return None
+    from seg_segmentation.evaluate import run_zero_shot_eval
+
+    def eval_fn(model, epoch):   # every rank evaluates its share of the images; the metrics are all-reduced
+        res = run_zero_shot_eval(model, dataset=args.eval_dataset, data_root=args.eval_data_root, device=device,
+                                 num_workers=min(2, args.num_thread_reader), max_images=args.eval_max_images,
+                                 progress=not args.no_progress)
+        return {k: float(v) for k, v in res.items() if k in ("mIoU", "aAcc", "mAcc", "images", "seconds")}
+    return eval_fn
+
+
+def main(argv=None) -> int:
+    args = get_args(argv)
+    from modules.checkpoint import CheckpointError
+    from modules.distributed import cleanup, init_distributed
+    from modules.optimization import OptimConfig
+    from modules.train_state import ResumeError, find_resume_file, load_training_state
+    from modules.training import TrainConfig, check_batch_layout, train
+
+    try:
+        env = init_distributed(args.local_rank, device=args.device, backend=args.dist_backend)
+    except (RuntimeError, ValueError) as e:       # e.g. --device cuda without a GPU, a launcher without MASTER_ADDR
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    setup_logging(args.output_dir, env.is_main)
+    try:
+        if env.is_main:
+            logger.info("arguments: %s", json.dumps(vars(args), sort_keys=True, default=str))
+        cfg = TrainConfig(
+            batch_size=args.batch_size, epochs=args.epochs, gradient_accumulation_steps=args.gradient_accumulation_steps,
+            optim=OptimConfig(lr=args.lr, lower_lr=args.lower_lr, lower_text_lr=args.lower_text_lr,
+                              coef_lr=args.coef_lr, weight_decay=args.weight_decay, betas=(args.opt_b1, args.opt_b2),
+                              eps=args.eps, warmup_proportion=args.warmup_proportion, lr_start=args.lr_start,
+                              lr_end=args.lr_end),
+            clip_grad=args.clip_grad, amp=args.amp, seed=args.seed, num_workers=args.num_thread_reader,
+            pin_memory=args.use_pin_memory, output_dir=args.output_dir, save_every_steps=args.save_every_steps,
+            stop_after_steps=args.stop_after_steps, n_display=args.n_display, progress=not args.no_progress,
+            steps_per_epoch=args.steps_per_epoch)
+        check_batch_layout(cfg, env.world_size)
+        if args.amp == "fp16" and env.device.type != "cuda":
+            raise ValueError("--amp fp16 needs CUDA; use --amp bf16 on CPU")
+
+        resume_path = args.resume_model or (find_resume_file(args.output_dir) if args.resume == "auto" else None)
+        resume_state = load_training_state(resume_path) if resume_path else None
+        if args.resume == "auto" and resume_path is None:
+            logger.info("--resume auto: no training state in %s, starting fresh", args.output_dir)
+
+        from dataloaders.pretrain import build_pretrain_dataset
+        dataset = build_pretrain_dataset(args)
+
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        model = build_model(args)
+        result = train(model, dataset, cfg, env, resume_state=resume_state,
+                       eval_fn=make_eval_fn(args, env.device),
+                       extra_state={"args": {k: v for k, v in vars(args).items()
+                                             if isinstance(v, (str, int, float, bool, type(None)))}})
+        if env.is_main:
+            logger.info("%s after %d optimizer steps (%d skipped)", "finished" if result.finished else "stopped",
+                        result.global_step, result.skipped_steps)
+        return 0
+    except (ValueError, FileNotFoundError, CheckpointError, ResumeError) as e:
+        logger.error("error: %s", e)
+        logger.debug("details", exc_info=True)
+        return 2
+    finally:
+        cleanup(env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
