@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                         'ImageNet prompts, identity = the bare name')
     p.add_argument('--class_names', default=None,
                    help='text file, one class name per line, in label order (replaces the dataset\'s names; start '
-                        'with "background" for background-by-threshold)')
+                        'with "background" for background-by-threshold). Same count as the dataset\'s labels, '
+                        'except --dataset voc: any count, to evaluate your own VOC-layout split (label i = line i)')
     p.add_argument('--bg_thresh', type=float, default=None,
                    help='background threshold (default: ' + ', '.join(f'{k} {v}' for k, v in BG_THRESH.items()) +
                         '; unused by datasets without background)')

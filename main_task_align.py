@@ -148,7 +148,8 @@ def make_eval_fn(args, device):
         res = run_zero_shot_eval(model, dataset=args.eval_dataset, data_root=args.eval_data_root, device=device,
                                  num_workers=min(2, args.num_thread_reader), max_images=args.eval_max_images,
                                  progress=not args.no_progress)
-        return {k: float(v) for k, v in res.items() if k in ("mIoU", "aAcc", "mAcc", "images", "seconds")}
+        return {k: (None if v is None else float(v))        # mIoU is None when no pixel was labelled
+                for k, v in res.items() if k in ("mIoU", "aAcc", "mAcc", "images", "seconds")}
     return eval_fn
 
 

@@ -51,6 +51,10 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--superpixel_missing", default="compute", choices=["compute", "error"],
                    help="image without a stored superpixel map: 'compute' it on the fly (counted, logged) or "
                         "'error'. Default: compute")
+    g.add_argument("--image_size", type=int, default=224,
+                   help="side of the square training crop in pixels, a multiple of the patch size 16 (superpixel "
+                        "patch labels then have image_size/16 rows). Build the CLIP with image_resolution equal to "
+                        "it to avoid resizing the position embedding. Default: 224 (the paper)")
     g.add_argument("--image_retries", type=int, default=10,
                    help="corrupt image in a store: try up to this many following samples before failing. Default: 10")
     g.add_argument("--wds_shards", default=None,
@@ -89,7 +93,10 @@ def build_pretrain_dataset(args):
     """-> Dataset (map-style, possibly a ConcatDataset) or WebDatasetStream for ``--datatype wds``."""
     names = _datatypes(getattr(args, "datatype", "cc,coco"))
     common = dict(max_words=args.max_words, use_seglabel=bool(getattr(args, "use_seglabel", False)),
-                  superpixel_reduce=getattr(args, "superpixel_reduce", "mean"))
+                  superpixel_reduce=getattr(args, "superpixel_reduce", "mean"),
+                  image_size=int(getattr(args, "image_size", 224)))
+    if common["image_size"] < 16 or common["image_size"] % 16:
+        raise ValueError(f"--image_size {common['image_size']} must be a positive multiple of the patch size 16")
     if names == ["wds"]:
         from dataloaders.webdataset_stream import WebDatasetStream
         if not getattr(args, "wds_shards", None):

@@ -7,7 +7,7 @@ Runs the real pipeline, each step as its own process, with nothing to download:
   2. preprocess/build_cc3m.py   shards -> image/caption store
   3. preprocess/build_superpixels.py   Felzenszwalb superpixels for the KL loss
   4. main_task_align.py         pretraining with contrastive + superpixel KL + MAE losses
-  5. zero-shot mIoU of the untrained and the trained model on the val split (SegCLIP's protocol)
+  5. main_seg_zeroshot.py      zero-shot mIoU of the untrained and the trained model on the val split
   6. main_seg_vis.py            pictures of a few val images
 and prints what was trained, the loss curve and mIoU (trained vs untrained vs chance); everything is also written to
 OUTPUT_DIR/summary.json. Step logs are in OUTPUT_DIR/logs/. See docs/quickstart.md for measured numbers.
@@ -26,7 +26,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 # The random CLIP: width 64 (1 head), 4 visual blocks cut after 2 (first_stage_layer), 2 text blocks, embed 64,
-# 224 px input (the training crop size) with patch 16.
+# input resolution = --train_size (the training crop and the zero-shot window; no position-embedding resize), patch 16.
 FIRST_STAGE_LAYER = 2
 
 
@@ -41,6 +41,10 @@ def get_args(argv=None):
     p.add_argument("--num_train", type=int, default=2000, help="generated image-caption pairs")
     p.add_argument("--num_val", type=int, default=40, help="generated val images with per-pixel labels")
     p.add_argument("--image_size", type=int, default=128, help="side of the generated images (pixels)")
+    p.add_argument("--train_size", type=int, default=224,
+                   help="training crop side = the tiny CLIP's input resolution = the zero-shot window (multiple of 16)")
+    p.add_argument("--first_stage_layer", type=int, default=FIRST_STAGE_LAYER,
+                   help="visual blocks (of 4) before the center block; the rest run on the group tokens")
     p.add_argument("--epochs", type=int, default=2, help="training epochs")
     p.add_argument("--batch_size", type=int, default=32, help="training batch")
     p.add_argument("--lr", type=float, default=1e-3,
@@ -61,13 +65,18 @@ def get_args(argv=None):
     return args
 
 
-def run_step(name: str, cmd: list, log_dir: Path) -> float:
-    """Run ``python cmd...`` in the repository root, output to log_dir/name.log; -> seconds taken."""
+def run_step(name: str, cmd: list, log_dir: Path, threads: int = 0) -> float:
+    """Run ``python cmd...`` in the repository root, output to log_dir/name.log; -> seconds taken.
+
+    threads > 0 caps the step's intra-op threads (unless OMP_NUM_THREADS is set): on a small CPU shared with data
+    loader processes, oversubscribed OpenMP threads spin and can make training 10x slower."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"{name}.log"
     print(f"[{name}] python {' '.join(str(c) for c in cmd)}", flush=True)
     start = time.perf_counter()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    if threads > 0 and "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(threads)
     with open(log, "w") as f:
         rc = subprocess.run([sys.executable, *map(str, cmd)], cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
                             env=env).returncode
@@ -93,23 +102,17 @@ def parse_loss_curve(log_file: Path) -> list:
     return curve
 
 
-def evaluate(model, val_root: Path, class_names: list, bg_thresh: float) -> dict:
-    """Zero-shot mIoU on a VOC-layout split with our own class list, SegCLIP's protocol (SPEC §7.2-7.4).
+def zero_shot_step(name: str, checkpoint: Path, val_root: Path, out: Path, args, logs: Path) -> tuple:
+    """main_seg_zeroshot.py on the synthetic VOC-layout split with its own class list -> (result dict, seconds).
 
-    main_seg_zeroshot.py insists on the benchmark's 21 VOC names, so the split is read and scored here with the same
-    library pieces it uses (dataset, segmentor, mmseg's IoU)."""
-    import torch
-    from seg_segmentation.datasets import ZeroShotSegDataset
-    from seg_segmentation.evaluate import areas_to_metrics, intersect_and_union
-    from seg_segmentation.inference import ZeroShotSegmentor
-    ds = ZeroShotSegDataset("voc", str(val_root))
-    seg = ZeroShotSegmentor(model.eval(), class_names=class_names, with_bg=True, bg_thresh=bg_thresh)
-    areas = torch.zeros(4, len(class_names), dtype=torch.int64)
-    for i in range(len(ds)):
-        s = ds[i]
-        pred = seg.predict([s["img"]], [s["ori_shape"]])[0]
-        areas += intersect_and_union(pred, s["gt"], len(class_names))
-    return areas_to_metrics(areas, class_names)
+    The window is the training size: the tiny model sees val images at the resolution it was trained at."""
+    result = out / f"zeroshot_{name}.json"
+    seconds = run_step(f"zeroshot_{name}", [
+        "main_seg_zeroshot.py", "--dataset", "voc", "--data_root", val_root, "--class_names", val_root / "classes.txt",
+        "--init_model", checkpoint, "--bg_thresh", args.bg_thresh, "--resolution", args.train_size,
+        "--crop_size", args.train_size, "--stride", args.train_size, "--device", "cpu",
+        "--num_workers", 0, "--no_progress", "--output", result], logs)
+    return json.loads(result.read_text()), seconds
 
 
 def chance_levels(val_root: Path, class_names: list, seed: int) -> dict:
@@ -149,7 +152,7 @@ def main(argv=None) -> int:
             times["generate"] = run_step("generate", [
                 "-m", "preprocess.synthetic", "--output_dir", data, "--num_train", args.num_train,
                 "--num_val", args.num_val, "--size", args.image_size, "--seed", args.seed,
-                "--clip", clip_file.name, "--clip_resolution", 224, "--clip_width", 64, "--clip_embed_dim", 64,
+                "--clip", clip_file.name, "--clip_resolution", args.train_size, "--clip_width", 64, "--clip_embed_dim", 64,
                 "--clip_vision_layers", 4, "--clip_text_layers", 2], logs)
         if not (args.keep_data and is_store(store)):
             times["store"] = run_step("store", [
@@ -161,13 +164,14 @@ def main(argv=None) -> int:
                 "--no_progress"], logs)
         train_cmd = [
             "main_task_align.py", "--do_pretrain", "--datatype", "cc", "--cc_store", store,
-            "--pretrained_clip_name", clip_file, "--first_stage_layer", FIRST_STAGE_LAYER,
+            "--pretrained_clip_name", clip_file, "--first_stage_layer", args.first_stage_layer,
             "--batch_size", args.batch_size, "--epochs", args.epochs, "--lr", args.lr, "--lower_lr", args.lr,
-            "--max_words", 32, "--seed", args.seed, "--freeze_layer_num", -1,  # random CLIP: train all of it
+            "--max_words", 32, "--image_size", args.train_size, "--seed", args.seed, "--freeze_layer_num", -1,  # random CLIP: train all of it
             "--num_thread_reader", max(0, args.workers - 1), "--n_display", 5, "--no_progress",
             "--output_dir", train_dir]
         train_cmd += ["--use_seglabel"] * use_seglabel + ["--use_vision_mae_recon"] * use_mae
-        times["train"] = run_step("train", train_cmd, logs)
+        loader_workers = max(0, args.workers - 1)   # the rest of the cores compute
+        times["train"] = run_step("train", train_cmd, logs, threads=max(1, (os.cpu_count() or 1) - loader_workers))
         checkpoint = train_dir / f"pytorch_model.bin.{args.epochs - 1}"
         if not checkpoint.exists():
             found = sorted(train_dir.glob("pytorch_model.bin.*"), key=lambda p: int(p.suffix[1:]))
@@ -178,17 +182,19 @@ def main(argv=None) -> int:
         import torch
         from modules.checkpoint import load_segclip
         from modules.modeling import SegCLIP
-        class_names = (data / "val" / "classes.txt").read_text().split("\n")
-        class_names = [c for c in class_names if c.strip()]
-        print("[eval] zero-shot mIoU of the untrained and the trained model", flush=True)
-        t0 = time.perf_counter()
-        torch.manual_seed(args.seed)   # the untrained model: the random CLIP with freshly initialised centers
-        untrained = SegCLIP.from_clip(str(clip_file), first_stage_layer=FIRST_STAGE_LAYER, use_vision_mae_recon=False)
-        res_untrained = evaluate(untrained, data / "val", class_names, args.bg_thresh)
+        class_names = [c for c in (data / "val" / "classes.txt").read_text().split("\n") if c.strip()]
+        # The untrained model: the random CLIP with freshly initialised (seeded) centers, saved as a checkpoint so
+        # that both models go through the same evaluation script.
+        untrained_file = out / "untrained.bin"
+        torch.manual_seed(args.seed)
+        untrained = SegCLIP.from_clip(str(clip_file), first_stage_layer=args.first_stage_layer,
+                                     use_vision_mae_recon=False)
+        torch.save(untrained.state_dict(), untrained_file)
+        res_untrained, times["eval_untrained"] = zero_shot_step("untrained", untrained_file, data / "val", out, args,
+                                                                logs)
+        res_trained, times["eval_trained"] = zero_shot_step("trained", checkpoint, data / "val", out, args, logs)
         trained = load_segclip(str(checkpoint), use_vision_mae_recon=False)
-        res_trained = evaluate(trained, data / "val", class_names, args.bg_thresh)
         chance = chance_levels(data / "val", class_names, args.seed)
-        times["eval"] = time.perf_counter() - t0
 
         if args.num_vis > 0:
             names = sorted((data / "val" / "JPEGImages").glob("*.jpg"))[:args.num_vis]

@@ -78,6 +78,11 @@ def _amp_dtype(amp) -> Optional[torch.dtype]:
     return table[amp]
 
 
+# Layouts whose label id i is simply class i (no reduce_zero_label, no id remapping): a custom dataset in such a
+# layout may come with its own class list of any length (e.g. the quickstart's synthetic VOC-layout split).
+ANY_CLASS_COUNT = frozenset({'voc'})
+
+
 def run_zero_shot_eval(model, dataset: str = 'voc', data_root: Optional[str] = None,
                        device=None, batch_size: int = 16, num_workers: int = 2, templates='simple',
                        class_names: Optional[Sequence[str]] = None, with_bg: Optional[bool] = None,
@@ -95,7 +100,8 @@ def run_zero_shot_eval(model, dataset: str = 'voc', data_root: Optional[str] = N
         num_workers: DataLoader processes decoding / resizing images.
         templates: prompt set (simple | subset | full | identity).
         class_names: override the dataset's names (same count and order as its labels; a leading 'background'
-            means background-by-threshold).
+            means background-by-threshold). For ``voc`` any count: a custom VOC-layout split with its own classes
+            (label i = class i; a label id >= the count raises DatasetError).
         with_bg / bg_thresh: background channel and threshold (defaults: from the dataset, SPEC §7.3).
         resolution / max_long: keep-ratio resize to scale (max_long, resolution) - short side ``resolution``.
         crop / stride: sliding window.
@@ -111,9 +117,9 @@ def run_zero_shot_eval(model, dataset: str = 'voc', data_root: Optional[str] = N
         raise ValueError(f'unknown dataset {dataset!r}; choose one of {sorted(DATASET_CLASSES)}')
     rank, world = _dist_info()
     names = validate_class_names(class_names if class_names is not None else DATASET_CLASSES[dataset])
-    if class_names is not None and len(names) != len(DATASET_CLASSES[dataset]):
+    if class_names is not None and len(names) != len(DATASET_CLASSES[dataset]) and dataset not in ANY_CLASS_COUNT:
         raise ValueError(f'{dataset} has {len(DATASET_CLASSES[dataset])} label values, but {len(names)} class names '
-                         'were given')
+                         f'were given (only {sorted(ANY_CLASS_COUNT)} take a list of another length)')
     bg_in_names = names[0] == 'background'
     with_bg = bg_in_names if with_bg is None else bool(with_bg)
     if with_bg != bg_in_names:
@@ -151,6 +157,9 @@ def run_zero_shot_eval(model, dataset: str = 'voc', data_root: Optional[str] = N
                             crop=crop, stride=stride, batch_size=batch_size)
         for p, pred in zip(pending, preds):
             gt = p['gt'].to(pred.device)
+            bad = gt[(gt != IGNORE_INDEX) & (gt >= C)]
+            if bad.numel():   # mmseg's histogram would silently drop them
+                raise DatasetError(f'{p["img_path"]}: label {int(bad.max())} but only {C} class names')
             areas += intersect_and_union(pred, gt, C)
             if on_prediction is not None:
                 on_prediction(p['img_path'], pred.cpu())

@@ -247,3 +247,14 @@ def test_superpixels_of_other_images_are_refused(tiny, tmp_path):
     ds = StoreDataset(tiny["store"], max_words=8, use_seglabel=True, superpixel_path=tmp_path / "wrong.lmdb")
     with pytest.raises(ValueError, match="belongs to other images"):
         ds[0]
+
+
+def test_image_size_flag_sets_crop_and_patch_grid(tiny):
+    """--image_size 64: 64x64 crops and a 4x4 superpixel patch grid (a tiny model trains at its own resolution)."""
+    p = add_data_args(argparse.ArgumentParser())
+    assert p.parse_args([]).image_size == 224 and p.parse_args(["--image_size", "64"]).image_size == 64
+    ds = build_pretrain_dataset(ns(**{**tiny["args"], "image_size": 64}, use_seglabel=True))
+    it = ds[0]
+    assert it["image"].shape == (3, 64, 64) and it["superpixels"].shape == (4, 4)
+    with pytest.raises(ValueError, match="multiple of the patch size 16"):
+        build_pretrain_dataset(ns(**{**tiny["args"], "image_size": 100}))

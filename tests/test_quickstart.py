@@ -108,13 +108,14 @@ def test_cli_help_and_bad_args(repo_root):
     assert r.returncode != 0 and "error" in r.stderr and "Traceback" not in r.stderr
 
 
-# The criterion is trained mIoU >= 2x untrained. Not reached within a CI budget (docs/quickstart.md): in
-# 62-124 steps from a random CLIP the model learns to *name* the shapes, but the MAE loss collapses the patch-to-center
-# assignment and the background gets painted with the image's class, so overall mIoU stays below the untrained model's
-# (which calls everything background). What is asserted is the part that holds: on the object classes the trained
-# model's IoU is several times the untrained one's. Measured with these settings (seed 42, 2000 pairs, 124 steps):
-# object-class mIoU 6.20 and 5.68 (two runs) trained vs 1.03 untrained (1000 pairs / 62 steps gave only 3.16, too
-# close to call); the floor of 3.0 leaves a 2x margin for machine / thread-count variation.
+# The criterion is trained mIoU >= 2x untrained. Not reached within a CI budget (docs/quickstart.md, two
+# rounds: 224 and 112 px crops, 124 to 1,240 steps, background-describing captions, lr, first_stage_layer): from a
+# random CLIP every group ends up confidently the image's class, so the background gets painted with it and overall
+# mIoU stays below the untrained model's (which calls everything background). What is asserted is the part that
+# holds: on the object classes the trained model's IoU is several times the untrained one's. Measured with the
+# defaults (seed 42, 2000 pairs, 124 steps at 224 px, scored by main_seg_zeroshot.py): object-class mIoU 6.20, 5.68
+# and 4.63 (three runs; CPU training is not bit-reproducible) vs 1.03 untrained; the floor of 3.0 is the lowest
+# measured value minus 1.6 points and still ~3x the untrained model.
 FOREGROUND_MIOU_FLOOR = 3.0
 
 
@@ -135,6 +136,10 @@ def test_quickstart_runs_end_to_end_and_learns_to_name_objects(repo_root, tmp_pa
     curve = summary["loss_curve"]
     assert len(curve) >= 5 and all({"contrastive", "kl", "mae"} <= set(c) for c in curve)
     assert curve[-1]["contrastive"] < curve[0]["contrastive"] - 0.3
+    # the scores are main_seg_zeroshot.py's (run as a subprocess on the synthetic split with its own class list)
+    for name in ("trained", "untrained"):
+        res = json.loads((out / f"zeroshot_{name}.json").read_text())
+        assert res["mIoU"] == miou[name] and list(res["per_class"])[0] == "background" and res["num_classes"] == 6
     # the real scripts wrote their outputs: checkpoint, store, superpixels, pictures
     assert (out / "train" / "pytorch_model.bin.1").is_file()
     assert any((out / "store").glob("superpixels_*.lmdb"))
