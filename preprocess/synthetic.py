@@ -1,14 +1,15 @@
 """A synthetic "shapes" world to prove, offline and on CPU, that SegCLIP training learns to segment.
 
-Images show 1-3 coloured shapes on a textured background; captions name the shapes ("a red circle and a
-blue square"). The train split is written in the img2dataset webdataset layout that the CC3M preprocessing
+Images show 1-3 coloured shapes on one of 4 named backgrounds (grass, sand, water, brick); captions name the
+shapes and the background ("a red circle and a blue square on sand"). The train split is written in the img2dataset webdataset layout that the CC3M preprocessing
 reads (``NNNNN.tar`` holding ``key.jpg``, ``key.json`` with ``caption``, ``key.txt``); the val split is written
 in the PASCAL VOC layout that zero-shot evaluation reads (``JPEGImages/``, ``SegmentationClass/`` palette PNGs,
-``ImageSets/Segmentation/val.txt``) plus ``classes.txt`` (one name a line, ``background`` first). Segmentation
+``ImageSets/Segmentation/val.txt``) plus ``classes.txt`` (one name a line: the 5 shapes, then the 4 backgrounds). Segmentation
 labels are never written for the train split: the model only ever sees captions.
 
 Each class has its own shape and its own hue (jittered), so it is recognisable at patch level within a few
-minutes of CPU training; the backgrounds are low-saturation textures that never carry those hues.
+minutes of CPU training; the backgrounds are muted textures, each with its own colour and pattern, and are
+labelled as classes of their own (no background threshold).
 
 ``random_clip_state_dict`` builds a randomly initialised CLIP in the OpenAI state-dict layout (the format of
 ``ViT-B-16.pt``), at a size that trains in minutes, to stand in for the pretrained CLIP.
@@ -31,7 +32,7 @@ from tqdm import tqdm
 from seg_segmentation.visualize import voc_palette
 
 # (name, shape, base RGB, colour word). Hues are spread round the colour wheel and fully saturated so no
-# background texture (saturation <= 0.25) can be mistaken for an object.
+# (muted) background texture can be mistaken for an object.
 CLASSES = [
     ("circle", "circle", (220, 40, 40), "red"),
     ("square", "square", (40, 80, 230), "blue"),
@@ -39,7 +40,18 @@ CLASSES = [
     ("star", "star", (240, 210, 30), "yellow"),
     ("cross", "cross", (200, 50, 220), "purple"),
 ]
-CLASS_NAMES = ["background"] + [c[0] for c in CLASSES]
+# Named backgrounds (name, base RGB, texture): each image has one, the caption names it ("... on sand") and its
+# pixels carry its own label, so zero-shot evaluation needs no background threshold. Muted (saturation <= ~80 of
+# 255, the shapes have >= ~120) and each with its own texture, so no background is mistaken for a shape.
+BACKGROUNDS = [
+    ("grass", (95, 135, 70), "streaks"),
+    ("sand", (205, 185, 145), "grain"),
+    ("water", (70, 105, 150), "waves"),
+    ("brick", (150, 85, 70), "grid"),
+]
+# Label ids: 0..4 the shapes, 5..8 the backgrounds (no 'background' line: every pixel has a named class).
+CLASS_NAMES = [c[0] for c in CLASSES] + [b[0] for b in BACKGROUNDS]
+NUM_SHAPES = len(CLASSES)
 
 # Caption templates: several phrasings so the text tower learns the nouns rather than one sentence; the
 # zero-shot default template "a photo of a {}." appears among them.
@@ -50,26 +62,35 @@ _JOIN = ["a photo of {}.", "{}.", "a picture of {}.", "{}"]
 @dataclass
 class Sample:
     image: Image.Image      # RGB, size x size
-    label: np.ndarray       # [size, size] uint8, 0 = background, k = CLASS_NAMES[k]
+    label: np.ndarray       # [size, size] uint8, k = CLASS_NAMES[k]
     caption: str
-    classes: list           # class ids present (1-based), in caption order
+    classes: list           # shape class ids present (0-based), in caption order
+    background: int         # class id of the background (NUM_SHAPES + index into BACKGROUNDS)
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Low-saturation texture [size, size, 3] float: smooth noise plus, half of the time, stripes."""
-    base = rng.uniform(70, 190)
-    tint = rng.uniform(-12, 12, size=3)
+def _background(rng: np.random.Generator, size: int, kind: int) -> np.ndarray:
+    """Texture [size, size, 3] float of BACKGROUNDS[kind]: its muted colour (jittered) plus its own pattern."""
+    _, rgb, texture = BACKGROUNDS[kind]
+    colour = np.array(rgb, np.float32) + rng.uniform(-8, 8, size=3)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     cells = int(rng.integers(3, 9))
-    coarse = rng.normal(0, 25, size=(cells, cells)).astype(np.float32)
-    smooth = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BICUBIC))
-    img = base + tint[None, None, :] + smooth[..., None]
-    if rng.random() < 0.5:
-        period = rng.uniform(6, 20)
-        angle = rng.uniform(0, math.pi)
-        yy, xx = np.mgrid[0:size, 0:size]
-        img = img + 15 * np.sin((xx * math.cos(angle) + yy * math.sin(angle)) * 2 * math.pi / period)[..., None]
-    img = img + rng.normal(0, 6, size=(size, size, 1))  # grain, same on all channels: keeps it grey
-    return img
+    coarse = rng.normal(0, 10, size=(cells, cells)).astype(np.float32)
+    shade = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BICUBIC))[..., None]
+    if texture == "streaks":    # grass: short vertical blades of lighter / darker green
+        blades = np.asarray(Image.fromarray(rng.normal(0, 1, size=(size // 8, size)).astype(np.float32)).resize(
+            (size, size), Image.BICUBIC))
+        pattern = 18 * blades[..., None] * np.array([0.6, 1.0, 0.5])
+    elif texture == "grain":    # sand: fine speckle
+        pattern = rng.normal(0, 12, size=(size, size, 1))
+    elif texture == "waves":    # water: horizontal bright stripes
+        period = rng.uniform(8, 14)
+        pattern = 20 * np.sin(yy * 2 * math.pi / period + 0.5 * np.sin(xx / 9))[..., None] * np.array([0.6, 0.8, 1.0])
+    else:                       # brick: light mortar lines on a staggered grid
+        h = rng.uniform(10, 14)
+        row = np.floor(yy / h)
+        mortar = ((yy % h) < 2) | (((xx + (row % 2) * 1.5 * h) % (3 * h)) < 2)
+        pattern = np.where(mortar[..., None], np.array([190, 180, 170], np.float32) - colour, 0)
+    return colour[None, None, :] + shade + pattern
 
 
 def _shape_polygon(shape: str, cx: float, cy: float, r: float, rot: float):
@@ -96,9 +117,10 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float, rot: float):
 def make_sample(rng: np.random.Generator, size: int = 128, max_objects: int = 3) -> Sample:
     """One image with 1..max_objects objects of distinct classes, its label map and a caption naming them."""
     n = int(rng.integers(1, max_objects + 1))
-    class_ids = [int(c) + 1 for c in rng.choice(len(CLASSES), size=n, replace=False)]
-    img = _background(rng, size)
-    label = np.zeros((size, size), np.uint8)
+    class_ids = [int(c) for c in rng.choice(len(CLASSES), size=n, replace=False)]
+    kind = int(rng.integers(len(BACKGROUNDS)))
+    img = _background(rng, size, kind)
+    label = np.full((size, size), NUM_SHAPES + kind, np.uint8)
     placed = []  # (cx, cy, r): rejection sampling keeps objects mostly apart so each stays visible
     for k in class_ids:
         for _ in range(50):
@@ -107,7 +129,7 @@ def make_sample(rng: np.random.Generator, size: int = 128, max_objects: int = 3)
             if all(math.hypot(cx - x, cy - y) > 0.8 * (r + q) for x, y, q in placed):
                 break
         placed.append((cx, cy, r))
-        _, shape, rgb, _ = CLASSES[k - 1]
+        _, shape, rgb, _ = CLASSES[k]
         mask_img = Image.new("L", (size, size), 0)
         draw = ImageDraw.Draw(mask_img)
         poly = _shape_polygon(shape, cx, cy, r, rng.uniform(-0.3, 0.3))
@@ -125,13 +147,14 @@ def make_sample(rng: np.random.Generator, size: int = 128, max_objects: int = 3)
     # Name only what is still visible, in a random order, with the colour word half of the time.
     visible = [k for k in class_ids if (label == k).sum() > 0]
     order = [visible[i] for i in rng.permutation(len(visible))]
-    words = [(CLASSES[k - 1][3] + " " if rng.random() < 0.5 else "") + CLASSES[k - 1][0] for k in order]
+    words = [(CLASSES[k][3] + " " if rng.random() < 0.5 else "") + CLASSES[k][0] for k in order]
+    where = " on " + BACKGROUNDS[kind][0]   # the background is named too: it is a class like the shapes
     if len(words) == 1:
-        caption = _ONE[int(rng.integers(len(_ONE)))].format(words[0])
+        caption = _ONE[int(rng.integers(len(_ONE)))].format(words[0] + where)
     else:
         listed = ", a ".join(words[:-1]) + " and a " + words[-1]
-        caption = _JOIN[int(rng.integers(len(_JOIN)))].format("a " + listed)
-    return Sample(image, label, caption, order)
+        caption = _JOIN[int(rng.integers(len(_JOIN)))].format("a " + listed + where)
+    return Sample(image, label, caption, order, NUM_SHAPES + kind)
 
 
 def _jpeg_bytes(image: Image.Image) -> bytes:
