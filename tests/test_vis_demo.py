@@ -16,12 +16,15 @@ import main_seg_vis
 from seg_segmentation import visualize as vis
 
 # Prints the script's own peak memory after it ran (runpy keeps it a real `python main_seg_vis.py` process).
-PEAK_WRAPPER = ("import resource, runpy, sys\n"
+# Peak RSS of the script itself: VmHWM of this process's own address space. (ru_maxrss is not usable here: Linux
+# carries the parent's high-water mark across fork/vfork + exec, so a big pytest process would be counted.)
+PEAK_WRAPPER = ("import runpy, sys\n"
                 "sys.argv = sys.argv[1:]\n"
                 "try:\n"
                 "    runpy.run_path(sys.argv[0], run_name='__main__')\n"
                 "finally:\n"
-                "    print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n")
+                "    hwm = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')]\n"
+                "    print('PEAK_RSS_KB', hwm[0] if hwm else 0, file=sys.stderr)\n")
 
 
 def run_vis(repo_root, *args, timeout=300):
