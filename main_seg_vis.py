@@ -1,4 +1,4 @@
-"""Segment photos with any vocabulary and draw the result (SPEC §8).
+"""Segment photos with any vocabulary and draw the result (design.md §8).
 
     python main_seg_vis.py --input demo/examples/chelsea.jpg --classes "cat, wall, floor" --vis input_pred_label
 
@@ -101,8 +101,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import torch
 
-    from modules.checkpoint import CheckpointError, load_segclip
-    from modules.download import DownloadError, resolve_segclip_checkpoint
+    from modules.checkpoint import CheckpointError, load_segclip, segclip_checkpoint_keys
+    from common.download import DownloadError, resolve_segclip_checkpoint
     from seg_segmentation.visualize import SegmentationDemo, collect_inputs, run_visualization
 
     try:
@@ -114,7 +114,8 @@ def main(argv=None) -> int:
             raise ValueError(f"--device {args.device}: not a device (use cpu, cuda or cuda:N)") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device}: CUDA is not available here; use --device cpu")
-        ckpt = resolve_segclip_checkpoint(args.init_model, cache_dir=args.cache_dir, progress=not args.no_progress)
+        ckpt = resolve_segclip_checkpoint(args.init_model, cache_dir=args.cache_dir, progress=not args.no_progress,
+                                          expected_keys=segclip_checkpoint_keys)
         model = load_segclip(ckpt, device=device, use_vision_mae_recon=False)
         if args.first_stage_layer is not None and args.first_stage_layer != model.config.first_stage_layer:
             raise ValueError(f"--first_stage_layer {args.first_stage_layer} does not match the checkpoint "

@@ -1,4 +1,4 @@
-"""Zero-shot semantic segmentation evaluation of a SegCLIP checkpoint (SPEC §7).
+"""Zero-shot semantic segmentation evaluation of a SegCLIP checkpoint (design.md §7).
 
     python main_seg_zeroshot.py --dataset voc --data_root data/VOCdevkit/VOC2012 --init_model checkpoints/segclip.bin
     torchrun --nproc_per_node 8 main_seg_zeroshot.py --dataset context --data_root data/VOCdevkit/VOC2010 ...
@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from modules.distributed import add_distributed_args, cleanup, init_distributed
+from engine.distributed import add_distributed_args, cleanup, init_distributed
 from seg_segmentation.classes import BG_THRESH, DATASET_CLASSES, validate_class_names
 from seg_segmentation.datasets import LAYOUTS, DatasetError
 from seg_segmentation.templates import TEMPLATES
@@ -147,14 +147,14 @@ def read_class_names(path: str):
 
 
 def load_model(args, device):
-    from modules.checkpoint import load_segclip
+    from modules.checkpoint import load_clip_state_dict, load_segclip, segclip_checkpoint_keys
     if args.init_model is not None and args.init_model.lower() == 'none':
         from modules.modeling import SegCLIP
-        model = SegCLIP.from_clip(args.pretrained_clip_name, first_stage_layer=args.first_stage_layer,
-                                  use_vision_mae_recon=False, cache_dir=args.cache_dir)
+        model = SegCLIP.from_clip(load_clip_state_dict(args.pretrained_clip_name, cache_dir=args.cache_dir),
+                                  first_stage_layer=args.first_stage_layer, use_vision_mae_recon=False)
         return model.to(device).eval()
-    from modules.download import resolve_segclip_checkpoint
-    path = resolve_segclip_checkpoint(args.init_model, cache_dir=args.cache_dir)
+    from common.download import resolve_segclip_checkpoint
+    path = resolve_segclip_checkpoint(args.init_model, cache_dir=args.cache_dir, expected_keys=segclip_checkpoint_keys)
     return load_segclip(path, device=device, use_vision_mae_recon=False)
 
 
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
 
     env = init_distributed(args.local_rank, args.device, args.dist_backend)
     from modules.checkpoint import CheckpointError
-    from modules.download import DownloadError
+    from common.download import DownloadError
     from seg_segmentation.evaluate import format_table, run_zero_shot_eval
     try:
         model = load_model(args, env.device)

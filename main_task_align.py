@@ -1,4 +1,4 @@
-"""SegCLIP pretraining on image-caption pairs (SPEC §4-§6).
+"""SegCLIP pretraining on image-caption pairs (design.md §4-§6).
 
 The published run (8 GPUs x 96 = global batch 768, 10 epochs):
 
@@ -90,7 +90,7 @@ def get_args(argv=None):
                         "seg_segmentation knows)")
     p.add_argument("--eval_max_images", type=int, default=None,
                    help="evaluate only the first N images of the split (quick checks)")
-    from modules.distributed import add_distributed_args
+    from engine.distributed import add_distributed_args
     add_distributed_args(p)
     try:
         from dataloaders.pretrain import add_data_args
@@ -122,12 +122,14 @@ def setup_logging(output_dir: str, is_main: bool) -> None:
 
 def build_model(args):
     """SegCLIP from CLIP weights, ``--init_model`` on top, freezing applied."""
-    from modules.checkpoint import load_into, load_state_dict_file
+    from modules.checkpoint import load_clip_state_dict, load_state_dict_file
     from modules.modeling import SegCLIP
-    from modules.optimization import apply_freezing
-    model = SegCLIP.from_clip(args.pretrained_clip_name, first_stage_layer=args.first_stage_layer,
+    from modules.state_dict import load_into
+    from engine.optimization import apply_freezing
+    model = SegCLIP.from_clip(load_clip_state_dict(args.pretrained_clip_name, cache_dir=args.cache_dir),
+                              first_stage_layer=args.first_stage_layer,
                               use_vision_mae_recon=args.use_vision_mae_recon, use_seglabel=args.use_seglabel,
-                              cache_dir=args.cache_dir, mae_mask_ratio=args.mae_vis_mask_ratio)
+                              mae_mask_ratio=args.mae_vis_mask_ratio)
     if args.init_model:
         load_into(model, load_state_dict_file(args.init_model), strict=True)
         logger.info("loaded --init_model %s", args.init_model)
@@ -156,10 +158,10 @@ def make_eval_fn(args, device):
 def main(argv=None) -> int:
     args = get_args(argv)
     from modules.checkpoint import CheckpointError
-    from modules.distributed import cleanup, init_distributed
-    from modules.optimization import OptimConfig
-    from modules.train_state import ResumeError, find_resume_file, load_training_state
-    from modules.training import TrainConfig, check_batch_layout, train
+    from engine.distributed import cleanup, init_distributed
+    from engine.optimization import OptimConfig
+    from engine.train_state import ResumeError, find_resume_file, load_training_state
+    from engine.training import TrainConfig, check_batch_layout, train
 
     try:
         env = init_distributed(args.local_rank, device=args.device, backend=args.dist_backend)

@@ -17,13 +17,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from seg_segmentation.classes import BG_THRESH, DATASET_CLASSES  # noqa: E402
-from seg_segmentation.datasets import ZeroShotSegDataset, collate_list  # noqa: E402
-from seg_segmentation.evaluate import areas_to_metrics, intersect_and_union, run_zero_shot_eval  # noqa: E402
-from seg_segmentation.inference import build_text_embedding, slide_windows  # noqa: E402
-from seg_segmentation.synthetic import write_fake_dataset  # noqa: E402
+from seg_segmentation.classes import BG_THRESH, DATASET_CLASSES
+from seg_segmentation.datasets import ZeroShotSegDataset, collate_list
+from seg_segmentation.evaluate import areas_to_metrics, intersect_and_union, run_zero_shot_eval
+from seg_segmentation.inference import build_text_embedding, slide_windows
+from seg_segmentation.synthetic import write_fake_dataset
 
 
 @torch.no_grad()

@@ -17,8 +17,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from modules.modeling import SegCLIP, SegCLIPConfig  # noqa: E402
+from modules.modeling import SegCLIP, SegCLIPConfig
 
 REF_2022_CPU = {"encode_image_b1_s": 0.144, "encode_image_b2_s": 0.235, "train_b8_s": 3.96}
 

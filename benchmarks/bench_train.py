@@ -16,13 +16,11 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
 
 
 def build_model(args):
     from modules.modeling import SegCLIP
-    from modules.optimization import apply_freezing
+    from engine.optimization import apply_freezing
     from preprocess.synthetic import random_clip_state_dict
     clip = random_clip_state_dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
                                   text_width=512, text_layers=12, seed=0)
@@ -34,7 +32,7 @@ def build_model(args):
 def one_config(args) -> dict:
     """Time ``--steps`` full training steps after ``--warmup`` untimed ones."""
     import torch
-    from modules.optimization import OptimConfig, build_optimizer
+    from engine.optimization import OptimConfig, build_optimizer
     torch.manual_seed(0)
     device = torch.device(args.device)
     if args.threads:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from dataloaders import stores
 from dataloaders.imageio import decode_rgb, encode_for_store
-from modules import superpixels as sp
+from dataloaders import superpixels as sp
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Map-style pretraining datasets over LMDB stores (ours and the 2022 layouts), SPEC §6.
+"""Map-style pretraining datasets over LMDB stores (ours and the 2022 layouts), design.md §6.
 
 Every dataset yields ``dict(input_ids=LongTensor[max_words], attention_mask=LongTensor[max_words],
 image=FloatTensor[3, 224, 224], superpixels=LongTensor[14, 14])`` (superpixels only with ``use_seglabel``).
@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from dataloaders import stores
 from dataloaders.imageio import decode_rgb
 from dataloaders.transforms import TrainTransform
-from modules import superpixels as sp
+from dataloaders import superpixels as sp
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ Our store is one folder::
         captions  key (utf-8) -> utf-8 JSON list of captions (COCO ~5, CC3M 1)
         meta      b"info" -> utf-8 JSON {"format": "segclip-store", "version": 1, "source": ..., ...}
                   b"done/<shard>" -> b"1" for every finished CC3M input shard (resume)
-    STORE/superpixels_scale224_sigma9.0_min_size224.lmdb   key -> zlib(.npy) label map (modules.superpixels)
+    STORE/superpixels_scale224_sigma9.0_min_size224.lmdb   key -> zlib(.npy) label map (dataloaders.superpixels)
 
 Every value is plain bytes/JSON/NumPy: reading a store never unpickles anything. Images and captions of one sample
 are committed in the same transaction, so an interrupted run leaves a consistent store that a rerun completes.
@@ -29,6 +29,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import lmdb
 
+from common.errors import SegCLIPError
+
 logger = logging.getLogger(__name__)
 
 STORE_LMDB = "store.lmdb"
@@ -38,7 +40,7 @@ FORMAT_VERSION = 1
 DEFAULT_MAP_SIZE = 1 << 40
 
 
-class StoreError(ValueError):
+class StoreError(SegCLIPError, ValueError):
     """A store is missing, malformed or of the wrong kind (message says how to fix it)."""
 
 

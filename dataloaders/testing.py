@@ -136,7 +136,7 @@ def write_legacy_cc3m(root, n: int = 4, seed: int = 2, superpixels: bool = True)
     import pickle
     import lmdb
     from dataloaders.imageio import encode_for_store
-    from modules.superpixels import felzenszwalb, superpixel_store_name
+    from dataloaders.superpixels import felzenszwalb, superpixel_store_name
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -164,7 +164,7 @@ def write_legacy_coco(root, n_images: int = 3, captions_per_image: int = 2, seed
     """The 2022 COCO layout: ``coco_train2014.pkl`` ({file name: bytes}) + ``karpathy/dataset_coco.json``."""
     import pickle
     from dataloaders.imageio import decode_rgb, encode_for_store
-    from modules.superpixels import felzenszwalb, superpixel_store_name
+    from dataloaders.superpixels import felzenszwalb, superpixel_store_name
     root = Path(root)
     raw = write_coco_raw(root / "raw", n_images, captions_per_image, seed)
     (root / "karpathy").mkdir(parents=True, exist_ok=True)

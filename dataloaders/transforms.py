@@ -1,4 +1,4 @@
-"""Train-time image transform: random resized crop with its box, CLIP normalisation (SPEC §6)."""
+"""Train-time image transform: random resized crop with its box, CLIP normalisation (design.md §6)."""
 import math
 import random
 from typing import Tuple
@@ -13,7 +13,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class RandomResizedCropBox:
-    """RandomResizedCrop(size, scale, ratio, bicubic) that also returns the crop box (SPEC §6).
+    """RandomResizedCrop(size, scale, ratio, bicubic) that also returns the crop box (design.md §6).
 
     The box is (x0, y0, x1, y1) = (j/(W-1), i/(H-1), (j+w-1)/(W-1), (i+h-1)/(H-1)) in fractions of the image, the
     form the superpixel pooling expects (all zeros for a 1-pixel-wide/high image). Draws use Python's ``random``

@@ -23,7 +23,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from dataloaders.build_stores import iter_tar_samples, list_shards, sample_caption, sample_image
 from dataloaders.imageio import decode_rgb, resize_short_side
 from dataloaders.transforms import TrainTransform
-from modules import superpixels as sp
+from dataloaders import superpixels as sp
 
 logger = logging.getLogger(__name__)
 

@@ -21,16 +21,16 @@ import sys
 import time
 from pathlib import Path
 
+from common.errors import SegCLIPError
+
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 # The random CLIP: width 64 (1 head), 4 visual blocks cut after 2 (first_stage_layer), 2 text blocks, embed 64,
 # input resolution = --train_size (the training crop and the zero-shot window; no position-embedding resize), patch 16.
 FIRST_STAGE_LAYER = 2
 
 
-class StepError(RuntimeError):
+class StepError(SegCLIPError, RuntimeError):
     """A pipeline step exited with an error; the message names it and its log."""
 
 
@@ -73,7 +73,7 @@ def run_step(name: str, cmd: list, log_dir: Path, threads: int = 0) -> float:
     log = log_dir / f"{name}.log"
     print(f"[{name}] python {' '.join(str(c) for c in cmd)}", flush=True)
     start = time.perf_counter()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ)
     if threads > 0 and "OMP_NUM_THREADS" not in os.environ:
         env["OMP_NUM_THREADS"] = str(threads)
     with open(log, "w") as f:
@@ -185,14 +185,14 @@ def main(argv=None) -> int:
             checkpoint = found[-1]
 
         import torch
-        from modules.checkpoint import load_segclip
+        from modules.checkpoint import load_clip_state_dict, load_segclip
         from modules.modeling import SegCLIP
         class_names = [c for c in (data / "val" / "classes.txt").read_text().split("\n") if c.strip()]
         # The untrained model: the random CLIP with freshly initialised (seeded) centers, saved as a checkpoint so
         # that both models go through the same evaluation script.
         untrained_file = out / "untrained.bin"
         torch.manual_seed(args.seed)
-        untrained = SegCLIP.from_clip(str(clip_file), first_stage_layer=args.first_stage_layer,
+        untrained = SegCLIP.from_clip(load_clip_state_dict(clip_file), first_stage_layer=args.first_stage_layer,
                                      use_vision_mae_recon=False)
         torch.save(untrained.state_dict(), untrained_file)
         res_untrained, times["eval_untrained"] = zero_shot_step("untrained", untrained_file, data / "val", out, args,

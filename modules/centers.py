@@ -1,4 +1,4 @@
-"""The learnable-center block (``semantic_layer2``, SPEC §2.3) and the MAE reconstruction head (SPEC §2.4).
+"""The learnable-center block (``semantic_layer2``, design.md §2.3) and the MAE reconstruction head (design.md §2.4).
 
 G learnable centers gather the L patch tokens into G group tokens; every patch is assigned to exactly one center
 (a hard, straight-through assignment), and each group token is the mean of its patches, refined by an MLP.

@@ -35,7 +35,7 @@ class MultiheadAttention(nn.Module):
     """Batch-first multi-head attention with ``nn.MultiheadAttention``'s parameter layout.
 
     q_in [B, Tq, W], kv_in [B, Tk, W] (defaults to q_in) -> [B, Tq, W].  Each sample attends only to its own keys
-    (SPEC §10.1: the 2022 cross-attention mixed samples in training; this is the per-sample behaviour).
+    (design.md §10.1: the 2022 cross-attention mixed samples in training; this is the per-sample behaviour).
     """
 
     def __init__(self, width: int, heads: int):

@@ -1,4 +1,4 @@
-"""Training objectives of SPEC §4: image-text contrastive, superpixel-consistency KL, MAE reconstruction."""
+"""Training objectives of design.md §4: image-text contrastive, superpixel-consistency KL, MAE reconstruction."""
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F

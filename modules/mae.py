@@ -1,4 +1,4 @@
-"""MAE branch pieces (SPEC §2.4): random masking, the light decoder and the reconstruction target."""
+"""MAE branch pieces (design.md §2.4): random masking, the light decoder and the reconstruction target."""
 from collections import OrderedDict
 from typing import Optional, Tuple
 

@@ -1,4 +1,4 @@
-"""SegCLIP: CLIP ViT whose visual tower groups patches with learnable centers (SPEC §2).
+"""SegCLIP: CLIP ViT whose visual tower groups patches with learnable centers (design.md §2).
 
     model = SegCLIP.from_state_dict(torch.load("segclip.bin", weights_only=True))
     out = model.encode_image(images)     # image_embed [B,D], group_embeds [B,G,D], soft_attn / hard_attn [B,G,L]
@@ -8,59 +8,18 @@ Module names are the state-dict names of the 2022 code (``clip.visual.transforme
 checkpoint loads unchanged. Every size is read from the state dict.
 """
 import math
-import os
-from dataclasses import dataclass
-from typing import Dict, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import SegCLIPConfig, config_from_state_dict
 from .centers import LearnableCenterBlock, ReconstructLayer
 from .layers import LayerNorm, ResidualAttentionBlock, Transformer, run_blocks
 from .losses import contrastive_loss, mae_loss, superpixel_kl_loss
 from .mae import MAEDecoder, random_masking
-
-
-@dataclass
-class SegCLIPConfig:
-    embed_dim: int = 512
-    image_resolution: int = 224
-    vision_width: int = 768
-    vision_layers: int = 12
-    vision_patch_size: int = 16
-    context_length: int = 77
-    vocab_size: int = 49408
-    text_width: int = 512
-    text_heads: int = 8
-    text_layers: int = 12
-    first_stage_layer: int = 10
-    num_centers: int = 8
-    mae_layers: int = 2
-    decoder_width: Optional[int] = None   # default vision_width // 2
-    decoder_depth: int = 3
-    decoder_heads: int = 8
-    use_vision_mae_recon: bool = True
-    use_seglabel: bool = True
-    mae_mask_ratio: float = 0.75
-
-    def __post_init__(self):
-        if self.decoder_width is None:
-            self.decoder_width = self.vision_width // 2
-
-    @property
-    def vision_heads(self) -> int:
-        return max(1, self.vision_width // 64)
-
-    @property
-    def grid_size(self) -> int:
-        return self.image_resolution // self.vision_patch_size
-
-    def validate(self):
-        if not 0 < self.first_stage_layer < self.vision_layers:
-            raise ValueError(f"first_stage_layer must be in [1, {self.vision_layers - 1}] for a {self.vision_layers}-"
-                             f"layer visual tower, got {self.first_stage_layer}")
-        return self
+from .state_dict import check_shapes, clip_to_segclip_state_dict, load_into
 
 
 class ImageOutput(NamedTuple):
@@ -187,7 +146,7 @@ class SegCLIP(nn.Module):
 
     # ------------------------------------------------------------------ construction
     def initialize_parameters(self):
-        """SPEC §3: Linear/Embedding N(0, 0.02), biases 0, LayerNorm 1/0; CLIP's own tensors as CLIP inits them."""
+        """design.md §3: Linear/Embedding N(0, 0.02), biases 0, LayerNorm 1/0; CLIP's own tensors as CLIP inits them."""
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 module.weight.data.normal_(mean=0.0, std=0.02)
@@ -210,7 +169,6 @@ class SegCLIP(nn.Module):
 
     @staticmethod
     def config_from_state_dict(sd: Mapping[str, torch.Tensor], **overrides) -> SegCLIPConfig:
-        from .checkpoint import config_from_state_dict
         return config_from_state_dict(sd, **overrides)
 
     @classmethod
@@ -221,28 +179,23 @@ class SegCLIP(nn.Module):
         ``vis_mae_decoder.*`` may be absent (the MAE branch is then off). Raises ``CheckpointError`` listing
         missing / unexpected / mis-shaped keys.
         """
-        from .checkpoint import config_from_state_dict, load_into
         cfg = config_from_state_dict(state_dict, use_vision_mae_recon=use_vision_mae_recon, **overrides)
         model = cls(cfg)
         load_into(model, state_dict, strict=strict)
         return model
 
     @classmethod
-    def from_clip(cls, path_or_state_dict: Union[str, "os.PathLike", Mapping[str, torch.Tensor]],
-                  first_stage_layer: int = 10, use_vision_mae_recon: bool = True, use_seglabel: bool = True,
-                  cache_dir: Optional[str] = None, **overrides) -> "SegCLIP":
-        """Build from OpenAI CLIP weights (SPEC §3): a model name ('ViT-B/16'), a file (TorchScript archive or
-        plain state dict) or a state dict. New modules are freshly initialised, CLIP tensors copied in."""
-        from .checkpoint import clip_to_segclip_state_dict, clip_config, load_clip_state_dict
-        sd = load_clip_state_dict(path_or_state_dict, cache_dir=cache_dir)
-        cfg = clip_config(sd, first_stage_layer=first_stage_layer, use_vision_mae_recon=use_vision_mae_recon,
-                          use_seglabel=use_seglabel, **overrides)
+    def from_clip(cls, clip_state_dict: Mapping[str, torch.Tensor], first_stage_layer: int = 10,
+                  use_vision_mae_recon: bool = True, use_seglabel: bool = True, **overrides) -> "SegCLIP":
+        """Build from an OpenAI-layout CLIP ViT state dict (design.md, "Initialisation from CLIP"): CLIP tensors
+        are copied in, the centers, the MAE blocks and the decoder are freshly initialised. Files and model names
+        are read by ``modules.checkpoint.load_clip_state_dict``."""
+        from .config import clip_config
+        cfg = clip_config(clip_state_dict, first_stage_layer=first_stage_layer,
+                          use_vision_mae_recon=use_vision_mae_recon, use_seglabel=use_seglabel, **overrides)
         model = cls(cfg)
-        mapped = clip_to_segclip_state_dict(sd, first_stage_layer)
-        own = model.state_dict()
-        for k, v in mapped.items():
-            if own[k].shape != v.shape:
-                raise ValueError(f"CLIP tensor {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+        mapped = clip_to_segclip_state_dict(clip_state_dict, first_stage_layer)
+        check_shapes(model.state_dict(), mapped, what="CLIP tensor")
         model.load_state_dict(mapped, strict=False)
         return model
 
@@ -264,7 +217,7 @@ class SegCLIP(nn.Module):
                        superpixels: Optional[torch.Tensor] = None,
                        gumbel_noise: Optional[Sequence[Optional[torch.Tensor]]] = None,
                        mae_noise: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        """SPEC §4.  input_ids / attention_mask [B, T]; images [B, 3, H, W]; superpixels [B, h, w] patch labels;
+        """design.md §4.  input_ids / attention_mask [B, T]; images [B, 3, H, W]; superpixels [B, h, w] patch labels;
         gumbel_noise = (full pass [B, G, L], MAE pass [B, G, K]); mae_noise [B, 1+L].
 
         Returns 'contrastive', 'kl', 'mae' (the terms that are on) and 'total'. The text tower does not use

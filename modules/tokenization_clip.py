@@ -2,7 +2,7 @@
 
 Text is cleaned (ftfy, HTML entities unescaped twice, whitespace folded, lower-cased), split with CLIP's regex and
 byte-pair encoded. `tokenize` gives the 77-token evaluation layout, `tokenize_captions` the training layout with
-`max_words` (SPEC §6, §7.1).
+`max_words` (design.md §6, §7.1).
 """
 import gzip
 import html
@@ -136,7 +136,7 @@ def tokenize(texts: Union[str, Sequence[str]], context_length: int = 77, truncat
 
 
 def tokenize_captions(texts: Union[str, Sequence[str]], max_words: int = 32) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Training layout (SPEC §6): [SOT] + BPE[:max_words-2] + [EOT], zero-padded to ``max_words``.
+    """Training layout (design.md §6): [SOT] + BPE[:max_words-2] + [EOT], zero-padded to ``max_words``.
 
     Returns input_ids [N, max_words] and attention_mask [N, max_words] (1 on real tokens), both int64.
     """

@@ -1,13 +1,10 @@
-"""Shared plumbing of the preprocessing scripts: repo import path, logging, summary line, clean errors."""
+"""Shared plumbing of the preprocessing scripts: logging, summary line, clean errors."""
 import json
 import logging
 import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the scripts run as `python preprocess/x.py` as well as `python -m preprocess.x`
-    sys.path.insert(0, str(ROOT))
 
 
 def default_workers() -> int:

@@ -1,4 +1,4 @@
-"""CC3M webdataset shards (img2dataset output) -> pickle-free LMDB store, in one streaming pass (SPEC §6).
+"""CC3M webdataset shards (img2dataset output) -> pickle-free LMDB store, in one streaming pass (design.md §6).
 
     python preprocess/build_cc3m.py --shards data/cc3m_wds --output_dir data/cc3m_store
 
@@ -9,10 +9,7 @@ shards are skipped whole, a half-written shard continues where it stopped.
 import argparse
 import sys
 
-try:
-    from preprocess import _cli
-except ImportError:
-    import _cli
+from preprocess import _cli
 
 
 def main(argv=None) -> int:

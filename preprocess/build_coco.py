@@ -1,4 +1,4 @@
-"""COCO captions (Karpathy split) + train2014 images -> pickle-free LMDB store for pretraining (SPEC §6).
+"""COCO captions (Karpathy split) + train2014 images -> pickle-free LMDB store for pretraining (design.md §6).
 
     python preprocess/build_coco.py --karpathy_json data/karpathy/dataset_coco.json \
         --image_root data/coco --output_dir data/coco_store
@@ -9,10 +9,7 @@ short side resized to 224; each image keeps all its captions (one training sampl
 import argparse
 import sys
 
-try:
-    from preprocess import _cli
-except ImportError:  # run as a script: preprocess/ itself is on sys.path
-    import _cli
+from preprocess import _cli
 
 
 def main(argv=None) -> int:

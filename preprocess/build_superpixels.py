@@ -1,4 +1,4 @@
-"""Felzenszwalb superpixels (scale 224, sigma 0.9, min_size 224) for every image of a store (SPEC §6).
+"""Felzenszwalb superpixels (scale 224, sigma 0.9, min_size 224) for every image of a store (design.md §6).
 
     python preprocess/build_superpixels.py --store data/coco_store
 
@@ -8,10 +8,7 @@ loaders look for it with --use_seglabel. Rerunning resumes.
 import argparse
 import sys
 
-try:
-    from preprocess import _cli
-except ImportError:
-    import _cli
+from preprocess import _cli
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,4 @@
-"""COCO-Stuff-164k label maps -> COCO-Object ``*_instanceTrainIds.png`` (SPEC §7.4).
+"""COCO-Stuff-164k label maps -> COCO-Object ``*_instanceTrainIds.png`` (design.md §7.4).
 
     python preprocess/convert_coco_object.py data/coco_stuff164k                 # val2017
     python preprocess/convert_coco_object.py data/coco_stuff164k --splits val train --nproc 8

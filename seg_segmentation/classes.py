@@ -1,4 +1,4 @@
-"""Class names and background thresholds of the zero-shot benchmarks (SPEC §7.3, §7.4).
+"""Class names and background thresholds of the zero-shot benchmarks (design.md §7.3, §7.4).
 
 Index i of ``DATASET_CLASSES[name]`` is label value i in the ground truth the evaluation compares against (after
 mmseg's ``reduce_zero_label`` where the dataset uses it). A list that starts with ``'background'`` means the
@@ -10,7 +10,7 @@ VOC_CLASSES = [
     'dog', 'horse', 'motorbike', 'person', 'plant', 'sheep', 'sofa', 'train', 'monitor',
 ]
 
-# mmseg's PascalContextDataset names with aeroplane->airplane, pottedplant->plant, tvmonitor->monitor (SPEC §7.4).
+# mmseg's PascalContextDataset names with aeroplane->airplane, pottedplant->plant, tvmonitor->monitor (design.md §7.4).
 CONTEXT_CLASSES = [
     'background', 'airplane', 'bag', 'bed', 'bedclothes', 'bench', 'bicycle', 'bird', 'boat', 'book', 'bottle',
     'building', 'bus', 'cabinet', 'car', 'cat', 'ceiling', 'chair', 'cloth', 'computer', 'cow', 'cup', 'curtain',
@@ -92,7 +92,7 @@ DATASET_CLASSES = {
     'ade20k': ADE20K_CLASSES,                 # 150
 }
 
-# SegCLIP's thresholds (SPEC §7.3). The other five benchmarks have no background class, so no threshold applies.
+# SegCLIP's thresholds (design.md §7.3). The other five benchmarks have no background class, so no threshold applies.
 BG_THRESH = {'voc': 0.80, 'context': 0.25, 'coco': 0.65}
 
 

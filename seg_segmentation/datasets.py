@@ -1,5 +1,5 @@
 """The zero-shot benchmarks on mmsegmentation 1.x: its dataset classes (file layouts, split files), its loading and
-keep-ratio resize transforms, and the SegCLIP test protocol (SPEC §7.3, §7.4).
+keep-ratio resize transforms, and the SegCLIP test protocol (design.md §7.3, §7.4).
 
     ds = ZeroShotSegDataset('voc', 'data/VOCdevkit/VOC2012')       # checks the layout, lists every sample
     sample = ds[0]    # dict(img [3,h,w] float normalised, gt [H,W] int64 (255 = ignore), ori_shape, img_path)
@@ -13,8 +13,9 @@ import torch
 
 from . import mmcv_compat  # noqa: F401  (before any mmseg import: mmcv-lite lacks the compiled ops)
 from .classes import COCO_OBJECT_CLASSES
+from common.errors import SegCLIPError
 
-# mmseg's CLIP-normalisation of BGR uint8 images (applied after BGR -> RGB), SPEC §7.3
+# mmseg's CLIP-normalisation of BGR uint8 images (applied after BGR -> RGB), design.md §7.3
 PIXEL_MEAN = (122.7709383, 116.7460125, 104.09373615)
 PIXEL_STD = (68.5005327, 66.6321579, 70.32316305)
 
@@ -63,7 +64,7 @@ LAYOUTS: Dict[str, DatasetLayout] = {
 }
 
 
-class DatasetError(RuntimeError):
+class DatasetError(SegCLIPError, RuntimeError):
     """A data root that is missing, laid out wrongly, or holds unreadable / unpaired files."""
 
 

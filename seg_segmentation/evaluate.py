@@ -1,4 +1,4 @@
-"""Zero-shot segmentation evaluation over a whole split, on one process or many (SPEC §7).
+"""Zero-shot segmentation evaluation over a whole split, on one process or many (design.md §7).
 
     from seg_segmentation.evaluate import run_zero_shot_eval
     res = run_zero_shot_eval(model, dataset='voc', data_root='data/VOCdevkit/VOC2012')
@@ -102,7 +102,7 @@ def run_zero_shot_eval(model, dataset: str = 'voc', data_root: Optional[str] = N
         class_names: override the dataset's names (same count and order as its labels; a leading 'background'
             means background-by-threshold). For ``voc`` any count: a custom VOC-layout split with its own classes
             (label i = class i; a label id >= the count raises DatasetError).
-        with_bg / bg_thresh: background channel and threshold (defaults: from the dataset, SPEC §7.3).
+        with_bg / bg_thresh: background channel and threshold (defaults: from the dataset, design.md §7.3).
         resolution / max_long: keep-ratio resize to scale (max_long, resolution) - short side ``resolution``.
         crop / stride: sliding window.
         amp: None | 'bf16' | 'fp16': autocast for the visual tower (GPU).

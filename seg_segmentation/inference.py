@@ -1,4 +1,4 @@
-"""Zero-shot segmentation with a SegCLIP model (SPEC §7.1 - §7.3).
+"""Zero-shot segmentation with a SegCLIP model (design.md §7.1 - §7.3).
 
     seg = ZeroShotSegmentor(model, class_names=['cat', 'dog'], bg_thresh=0.8)
     logits = seg.crop_logits(crops)                 # [B,3,h,w] -> [B,1+N,h,w]
@@ -66,7 +66,7 @@ def slide_windows(height: int, width: int, crop: IntPair = 224, stride: IntPair 
 
 
 class ZeroShotSegmentor:
-    """Names image regions with text: SegCLIP's group tokens matched to class-name embeddings (SPEC §7.2).
+    """Names image regions with text: SegCLIP's group tokens matched to class-name embeddings (design.md §7.2).
 
     Args:
         model: a SegCLIP (or a DDP wrapper of one); it is put in eval mode by the caller.
@@ -103,7 +103,7 @@ class ZeroShotSegmentor:
         """Output channels: N (+1 with background)."""
         return self.text_embedding.shape[0] + int(self.with_bg)
 
-    # ------------------------------------------------------------------ per crop (SPEC §7.2)
+    # ------------------------------------------------------------------ per crop (design.md §7.2)
     def _autocast(self):
         if self.amp_dtype is None or self.amp_dtype == torch.float32:
             return contextlib.nullcontext()
@@ -162,7 +162,7 @@ class ZeroShotSegmentor:
         """crops [B, 3, h, w] (normalised) -> [B, C, h, w]; C = 1 + N with background, else N."""
         return self.head(*self.encode(crops), size=tuple(crops.shape[-2:]))
 
-    # ------------------------------------------------------------------ whole images (SPEC §7.3)
+    # ------------------------------------------------------------------ whole images (design.md §7.3)
     @torch.no_grad()
     def slide_logits(self, images: Union[torch.Tensor, Sequence[torch.Tensor]], crop: IntPair = 224,
                      stride: IntPair = 224, batch_size: int = 16, head_chunk: int = 8) -> List[torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Prompt templates for the text side of zero-shot segmentation (SPEC §7.1)."""
+"""Prompt templates for the text side of zero-shot segmentation (design.md §7.1)."""
 
 # The 80 prompts OpenAI used for zero-shot ImageNet with CLIP.
 FULL_IMAGENET_TEMPLATES = [

@@ -1,4 +1,4 @@
-"""The segmentation demo (SPEC §8): read any photo, label it with any vocabulary, draw and write the results.
+"""The segmentation demo (design.md §8): read any photo, label it with any vocabulary, draw and write the results.
 
 Sections: palettes and drawing (numpy uint8 RGB [H, W, 3] images, integer [H, W] label maps; no model), label
 files, input handling (files / folders / globs, robust decoding, class lists), and ``SegmentationDemo`` +
@@ -13,12 +13,14 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from common.errors import SegCLIPError
+
 if TYPE_CHECKING:  # torch is imported where it is used, so `main_seg_vis.py --help` answers at once
     import torch
 
 VIS_MODES = ("input", "pred", "input_pred", "input_pred_label", "all_groups", "first_group", "final_group")
 GROUP_MODES = ("all_groups", "first_group", "final_group")
-# Colour weights of the 2022 demo (SPEC §8): 0.8 for input_pred (background kept as the photo), 0.6 otherwise.
+# Colour weights of the 2022 demo (design.md §8): 0.8 for input_pred (background kept as the photo), 0.6 otherwise.
 PRED_OPACITY = 0.8
 LABEL_OPACITY = 0.6
 GROUP_OPACITY = 0.6
@@ -209,7 +211,7 @@ def save_jpg(path: Path, image_rgb: np.ndarray, quality: int = 95) -> None:
 
 def render(mode: str, image: np.ndarray, labels: np.ndarray, groups: Optional[np.ndarray],
            label_names: Sequence[str], palette: np.ndarray, with_bg: bool) -> np.ndarray:
-    """One SPEC §8 visualisation as uint8 RGB [H, W, 3] (the input's size).
+    """One design.md §8 visualisation as uint8 RGB [H, W, 3] (the input's size).
 
     As in 2022, the label overlays leave background pixels as the photo; the group overlays colour every pixel.
     """
@@ -245,7 +247,7 @@ def output_path(output_dir: Path, mode: str, name: str) -> Path:
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".jp2")
 
 
-class ImageReadError(ValueError):
+class ImageReadError(SegCLIPError, ValueError):
     """A file that cannot be decoded as an image."""
 
 
@@ -333,7 +335,7 @@ def unique_names(paths: Sequence[Path]) -> List[str]:
 # Segmentation of one photo with any vocabulary
 
 def preprocess(bgr: np.ndarray, resolution: int = 224, max_long: int = 2048) -> "torch.Tensor":
-    """uint8 BGR [H, W, 3] -> normalised RGB [1, 3, h, w] with SPEC §7.3's test transform: mmseg's keep-ratio
+    """uint8 BGR [H, W, 3] -> normalised RGB [1, 3, h, w] with design.md §7.3's test transform: mmseg's keep-ratio
     resize to scale (max_long, resolution) (mmcv.imrescale, bilinear, cv2) and mmcv.imnormalize with the
     evaluation's mean/std, exactly as ``seg_segmentation.datasets`` loads benchmark images."""
     import mmcv
@@ -426,7 +428,7 @@ class SegmentationDemo:
         self.crop, self.stride, self.resolution, self.max_long = crop, stride, resolution, max_long
 
     def labels(self, image: "torch.Tensor", size: Tuple[int, int]) -> np.ndarray:
-        """image [1, 3, h, w] normalised -> labels [H, W] at the photo's size (slide inference, SPEC §7.3)."""
+        """image [1, 3, h, w] normalised -> labels [H, W] at the photo's size (slide inference, design.md §7.3)."""
         import torch.nn.functional as F
         h, w = image.shape[-2:]
         # A side shorter than one window (very elongated photos) is padded with zeros (the mean colour after

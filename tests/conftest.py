@@ -1,22 +1,18 @@
 """Shared test fixtures.
 
-The reference fixtures live in ``../shared/reference`` next to the checkout; set ``SEGCLIP_SHARED`` to point
-elsewhere (e.g. when the checkout lives in another folder).
+The recorded reference outputs live in ``tests/fixtures/`` (docs/design.md, "Reference fixtures").
 """
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-SHARED_DIR = Path(os.environ.get("SEGCLIP_SHARED", REPO_ROOT.parent / "shared")).resolve()
-REFERENCE_PT = SHARED_DIR / "reference" / "segclip_reference_public.pt"
-VITB16_JSON = SHARED_DIR / "reference" / "segclip_vitb16_state_dict.json"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+REFERENCE_PT = FIXTURES / "segclip_reference_public.pt"
+SCLIP_REFERENCE_PT = FIXTURES / "sclip_reference_public.pt"
+VITB16_JSON = FIXTURES / "segclip_vitb16_state_dict.json"
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -28,9 +24,7 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def reference():
-    """The recorded outputs of the 2022 code on a tiny model (SPEC §11)."""
-    if not REFERENCE_PT.exists():
-        pytest.fail(f"reference fixture not found at {REFERENCE_PT}; set SEGCLIP_SHARED to the shared/ folder")
+    """The recorded outputs of the 2022 code on a tiny model (docs/design.md, "Reference fixtures")."""
     return torch.load(REFERENCE_PT, map_location="cpu", weights_only=True)
 
 

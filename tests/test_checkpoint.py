@@ -4,7 +4,8 @@ import pickle
 import pytest
 import torch
 
-from modules.checkpoint import CheckpointError, clip_to_segclip_key, load_segclip, load_state_dict_file
+from modules.checkpoint import CheckpointError, load_clip_state_dict, load_segclip, load_state_dict_file
+from modules.state_dict import clip_to_segclip_key
 from modules.modeling import SegCLIP, SegCLIPConfig
 
 
@@ -37,7 +38,7 @@ def test_from_clip_copies_inherited_weights(reference):
     assert set(sd) == set(ref)
     for dst in reference["clip_to_segclip_keys"].values():
         assert torch.equal(sd[dst], ref[dst]), dst
-    # new modules are freshly initialised (SPEC §3)
+    # new modules are freshly initialised (design.md §3)
     assert model.clip.visual.transformer.reconstruct_layer2.rec_proj_a.a_fc.bias.abs().sum() == 0
     center = model.clip.visual.transformer.semantic_layer2.semantic_center
     assert 0.01 < center.std() < 0.03   # trunc-normal, std 0.02
@@ -48,7 +49,7 @@ def test_from_clip_accepts_openai_extra_keys(reference, tmp_path):
     sd.update(input_resolution=torch.tensor(112), context_length=torch.tensor(77), vocab_size=torch.tensor(49408))
     path = tmp_path / "clip.pt"
     torch.save(sd, path)
-    model = SegCLIP.from_clip(str(path), first_stage_layer=8, use_vision_mae_recon=False)
+    model = SegCLIP.from_clip(load_clip_state_dict(str(path)), first_stage_layer=8, use_vision_mae_recon=False)
     assert len(model.clip.visual.transformer.layers0) == 8 and len(model.clip.visual.transformer.layers2) == 4
     assert not model.has_mae_decoder
 
@@ -62,7 +63,7 @@ def test_torchscript_clip_archive(reference, tmp_path):
     traced = torch.jit.trace_module(oracle, {"encode_text": tokens, "encode_image": reference["images"]})
     path = tmp_path / "ViT-tiny.pt"
     torch.jit.save(traced, str(path))
-    model = SegCLIP.from_clip(str(path), first_stage_layer=10).eval()
+    model = SegCLIP.from_clip(load_clip_state_dict(str(path)), first_stage_layer=10).eval()
     with torch.no_grad():
         torch.testing.assert_close(model.encode_text(tokens), oracle.encode_text(tokens), atol=1e-5, rtol=1e-4)
 

@@ -21,7 +21,7 @@ from dataloaders.pretrain import add_data_args, build_pretrain_dataset
 from dataloaders.testing import (caption_for, cc_caption_for, data_arg_defaults, make_tiny_coco, random_image, write_cc3m_shards,
                                  write_legacy_cc3m, write_legacy_coco)
 from dataloaders.transforms import CLIP_MEAN, CLIP_STD, RandomResizedCropBox, TrainTransform
-from modules import superpixels as sp
+from dataloaders import superpixels as sp
 from modules.tokenization_clip import tokenize_captions
 
 
@@ -109,7 +109,7 @@ def test_legacy_2022_formats(tmp_path):
     got = {ids_key(ds[i]) for i in range(len(ds))}
     for cap in list(cc["captions"].values()) + [caption_for(i, j) for i in range(3) for j in range(2)]:
         assert tuple(tokenize_captions([cap], 32)[0][0].tolist()) in got
-    # superpixels come from the 2022 zlib-JSON LMDB: labels of a crop = SPEC pooling of the stored map
+    # superpixels come from the 2022 zlib-JSON LMDB: labels of a crop = design.md §6 pooling of the stored map
     legacy_cc = ds.datasets[0]
     key = legacy_cc.key(1)
     labels = legacy_cc.superpixels.labels(key, None)
@@ -195,7 +195,6 @@ WDS_RANK_SCRIPT = textwrap.dedent("""
     import json, os, sys
     import torch.distributed as dist
     from torch.utils.data import DataLoader
-    sys.path.insert(0, sys.argv[1])
     from dataloaders.webdataset_stream import WebDatasetStream
     dist.init_process_group("gloo")
     out = {}

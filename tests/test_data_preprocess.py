@@ -85,12 +85,12 @@ def test_coco_store_roundtrip(coco_built):
 
 
 def test_coco_superpixel_labels_equal_spec_pooling(coco_built, monkeypatch):
-    """The loader's patch labels = Felzenszwalb of the stored image, cut with the crop box, pooled (SPEC §6)."""
+    """The loader's patch labels = Felzenszwalb of the stored image, cut with the crop box, pooled (design.md §6)."""
     root, raw, store, _, _ = coco_built
     from dataloaders.datasets import StoreDataset
     from dataloaders.imageio import decode_rgb
     from dataloaders import transforms
-    from modules import superpixels as sp
+    from dataloaders import superpixels as sp
     ds = StoreDataset(store, max_words=16, use_seglabel=True)
     boxes = []
     real = transforms.TrainTransform.__call__

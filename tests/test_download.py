@@ -8,9 +8,9 @@ import threading
 import pytest
 import torch
 
-from modules import download
-from modules.download import (DownloadError, check_segclip_keys, resolve_clip_weights, resolve_segclip_checkpoint,
-                              segclip_checkpoint_keys)
+from common import download
+from common.download import DownloadError, check_segclip_keys, resolve_clip_weights, resolve_segclip_checkpoint
+from modules.checkpoint import segclip_checkpoint_keys
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -138,7 +138,8 @@ def test_segclip_download_verifies_keys(server, tmp_path):
     # The released file's exact key set (tensors shrunk: the check is on names, read without loading them whole).
     good = {k: torch.zeros(1) for k in segclip_checkpoint_keys()}
     handler.routes["/good/segclip.bin"] = (_saved(good, tmp_path), "ok")
-    out = resolve_segclip_checkpoint(cache_dir=tmp_path / "a", url=f"{base}/good/segclip.bin", progress=False)
+    out = resolve_segclip_checkpoint(cache_dir=tmp_path / "a", url=f"{base}/good/segclip.bin", progress=False,
+                                     expected_keys=segclip_checkpoint_keys)
     assert out == tmp_path / "a" / "segclip.bin"
     assert set(torch.load(out, weights_only=True)) == set(good)
     # One key short: rejected and removed.
@@ -146,7 +147,8 @@ def test_segclip_download_verifies_keys(server, tmp_path):
     bad.pop("clip.visual.proj")
     handler.routes["/bad/segclip.bin"] = (_saved(bad, tmp_path), "ok")
     with pytest.raises(DownloadError, match="clip.visual.proj"):
-        resolve_segclip_checkpoint(cache_dir=tmp_path / "b", url=f"{base}/bad/segclip.bin", progress=False)
+        resolve_segclip_checkpoint(cache_dir=tmp_path / "b", url=f"{base}/bad/segclip.bin", progress=False,
+                                   expected_keys=segclip_checkpoint_keys())
     assert os.listdir(tmp_path / "b") == []
     # Not a checkpoint at all (an HTML error page, as proxies send).
     handler.routes["/html/segclip.bin"] = (b"<html>blocked</html>", "ok")
@@ -161,7 +163,7 @@ def test_expected_keys_match_released_checkpoint(vitb16_keys, reference):
     # The same structure, sized like the tiny reference model (2 text layers), names its keys exactly too.
     check_segclip_keys(reference["segclip_state_dict"], segclip_checkpoint_keys(text_layers=2, text_width=64, vision_width=64))
     with pytest.raises(ValueError, match="missing"):
-        check_segclip_keys(reference["segclip_state_dict"])
+        check_segclip_keys(reference["segclip_state_dict"], segclip_checkpoint_keys())
 
 
 def test_explicit_paths(tmp_path):

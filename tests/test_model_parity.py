@@ -1,4 +1,4 @@
-"""The model against the outputs recorded from the 2022 code (SPEC §11): eval passes, text, losses, gradients."""
+"""The model against the outputs recorded from the 2022 code (design.md §11): eval passes, text, losses, gradients."""
 import pytest
 import torch
 
@@ -89,7 +89,7 @@ def test_mae_decoder_pos_embed_is_fixed_sincos(reference):
 
 
 def test_batching_does_not_change_outputs(reference, tiny_model):
-    """Per-sample cross-attention (SPEC §10.1): a sample's output does not depend on its batch mates."""
+    """Per-sample cross-attention (design.md §10.1): a sample's output does not depend on its batch mates."""
     images = reference["images"]
     with torch.no_grad():
         both = tiny_model.encode_image(images)

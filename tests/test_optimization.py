@@ -1,10 +1,10 @@
-"""SPEC §5: LR schedule, AdamW trajectory, parameter groups, no-decay rule and freezing vs the 2022 behaviour."""
+"""design.md §5: LR schedule, AdamW trajectory, parameter groups, no-decay rule and freezing vs the 2022 behaviour."""
 import math
 
 import pytest
 import torch
 
-from modules.optimization import (OptimConfig, apply_freezing, build_optimizer, build_param_groups,
+from engine.optimization import (OptimConfig, apply_freezing, build_optimizer, build_param_groups,
                                   frozen_parameter_names, lr_group_of, resolve_lrs, uses_weight_decay, warmup_cosine,
                                   warmup_cosine_lambda)
 

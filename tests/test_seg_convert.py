@@ -1,4 +1,4 @@
-"""preprocess/convert_coco_object.py: COCO-Stuff labels -> COCO-Object *_instanceTrainIds.png (SPEC §7.4)."""
+"""preprocess/convert_coco_object.py: COCO-Stuff labels -> COCO-Object *_instanceTrainIds.png (design.md §7.4)."""
 import os
 import subprocess
 import sys

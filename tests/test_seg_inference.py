@@ -1,4 +1,4 @@
-"""ZeroShotSegmentor vs the 2022 reference outputs (SPEC §7.1 - §7.3, fixture ``seg``)."""
+"""ZeroShotSegmentor vs the 2022 reference outputs (design.md §7.1 - §7.3, fixture ``seg``)."""
 import pytest
 import torch
 import torch.nn.functional as F

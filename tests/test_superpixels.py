@@ -1,11 +1,11 @@
-"""Superpixel pooling of a crop onto the patch grid (SPEC §6), against the 2022 fixture."""
+"""Superpixel pooling of a crop onto the patch grid (design.md §6), against the 2022 fixture."""
 import json
 import zlib
 
 import numpy as np
 import pytest
 
-from modules import superpixels as sp
+from dataloaders import superpixels as sp
 
 
 def test_patch_labels_match_2022_fixture(reference):

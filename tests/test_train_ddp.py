@@ -15,7 +15,7 @@ LAUNCH = [sys.executable, "-m", "torch.distributed.launch", "--standalone", "--n
 
 
 def _env(repo_root):
-    env = dict(os.environ, PYTHONPATH=str(repo_root), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     env.pop("WORLD_SIZE", None)
     return env
 
@@ -23,7 +23,7 @@ def _env(repo_root):
 GRAD_WORKER = textwrap.dedent("""
     import sys, torch, torch.distributed as dist
     from modules.modeling import SegCLIP
-    from modules.distributed import init_distributed, cleanup
+    from engine.distributed import init_distributed, cleanup
     env = init_distributed()
     ref, out = sys.argv[1], sys.argv[2]
     r = torch.load(ref, weights_only=True)
@@ -108,7 +108,7 @@ def test_torchrun_two_processes_end_to_end(repo_root, tmp_path, tiny_clip_file, 
     log = (out / "log.txt").read_text()
     assert "global batch 4 = 2 process(es) x 2" in log
     assert "contrastive" in log and " kl " in log and " mae " in log and "samples/s" in log
-    from modules.train_state import load_training_state
+    from engine.train_state import load_training_state
     state = load_training_state(out / "training_state.pt")
     assert state["global_step"] == 3 and state["world_size"] == 2 and len(state["rng"]) == 2
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modules.distributed import DistEnv
-from modules.optimization import OptimConfig, apply_freezing, build_optimizer
-from modules.train_state import (STATE_NAME, ResumeError, atomic_torch_save, find_resume_file, load_training_state,
+from engine.distributed import DistEnv
+from engine.optimization import OptimConfig, apply_freezing, build_optimizer
+from engine.train_state import (STATE_NAME, ResumeError, atomic_torch_save, find_resume_file, load_training_state,
                                  make_training_state)
-from modules.training import GlobalBatchSampler, TrainConfig, check_batch_layout, train
+from engine.training import GlobalBatchSampler, TrainConfig, check_batch_layout, train
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -181,7 +181,7 @@ def test_batch_layout_errors():
 
 KILL_WRITER = textwrap.dedent("""
     import sys, time, torch
-    import modules.train_state as ts
+    import engine.train_state as ts
     path = sys.argv[1]
     ts.atomic_torch_save({"format": ts.STATE_FORMAT, "global_step": 1}, path)     # a good checkpoint
     real_save = torch.save
@@ -201,7 +201,7 @@ def test_kill_during_checkpoint_write_keeps_latest_intact(repo_root, tmp_path):
     script = tmp_path / "writer.py"
     script.write_text(KILL_WRITER)
     proc = subprocess.Popen([sys.executable, str(script), str(path)], cwd=repo_root, stdout=subprocess.PIPE,
-                            text=True, env=dict(os.environ, PYTHONPATH=str(repo_root)))
+                            text=True, env=dict(os.environ))
     try:
         line = proc.stdout.readline()
         assert "WRITING" in line
@@ -230,7 +230,7 @@ def test_resume_file_errors(tmp_path, tiny_checkpoint):
 
 
 def _run_main(repo_root, args, timeout=240):
-    env = dict(os.environ, PYTHONPATH=str(repo_root), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         env.pop(k, None)
     return subprocess.run([sys.executable, "main_task_align.py"] + args, cwd=repo_root, env=env,
@@ -265,7 +265,7 @@ def test_main_bad_inputs_give_clear_errors(repo_root, tmp_path, reference, tiny_
 
 
 def test_batch_not_divisible_by_processes_under_torchrun(repo_root, tmp_path, tiny_clip_file, tiny_store):
-    env = dict(os.environ, PYTHONPATH=str(repo_root), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         "main_task_align.py", "--do_pretrain", "--datatype", "cc", "--cc_store", str(tiny_store),
                         "--pretrained_clip_name", str(tiny_clip_file), "--batch_size", "3",
@@ -277,7 +277,7 @@ def test_batch_not_divisible_by_processes_under_torchrun(repo_root, tmp_path, ti
 
 def test_local_rank_spellings(monkeypatch):
     import argparse
-    from modules.distributed import add_distributed_args, init_distributed, resolve_local_rank
+    from engine.distributed import add_distributed_args, init_distributed, resolve_local_rank
     p = argparse.ArgumentParser()
     add_distributed_args(p)
     assert p.parse_args(["--local-rank=1"]).local_rank == 1          # torch.distributed.launch (torch >= 2)

@@ -28,7 +28,7 @@ PEAK_WRAPPER = ("import runpy, sys\n"
 
 
 def run_vis(repo_root, *args, timeout=300):
-    env = dict(os.environ, PYTHONPATH=str(repo_root), SEGCLIP_OFFLINE="1")
+    env = dict(os.environ, SEGCLIP_OFFLINE="1")
     cmd = [sys.executable, "-c", PEAK_WRAPPER, str(repo_root / "main_seg_vis.py"), "--no_progress", *map(str, args)]
     proc = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=timeout)
     peak_kb = [int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("PEAK_RSS_KB")]
@@ -72,7 +72,7 @@ def test_every_mode_with_own_classes(repo_root, tiny_checkpoint, tiny_model, tmp
         labels = check_outputs(tmp_path, jpg.stem, size, vis.VIS_MODES, vocabulary)
         if jpg.stem == "chelsea":
             chelsea = labels
-    # The labels are the evaluation's prediction (SPEC §7.3) at the photo's size.
+    # The labels are the evaluation's prediction (design.md §7.3) at the photo's size.
     from seg_segmentation.inference import ZeroShotSegmentor
     bgr = vis.read_image_bgr(examples / "chelsea.jpg")
     seg = ZeroShotSegmentor(tiny_model, class_names=vocabulary[1:], bg_thresh=0.8)

@@ -1,4 +1,4 @@
-"""Felzenszwalb superpixels and their pooling onto the ViT patch grid of a training crop (SPEC §6).
+"""Felzenszwalb superpixels and their pooling onto the ViT patch grid of a training crop (design.md §6).
 
 The superpixel-consistency loss needs, for every 16×16 patch of a 224×224 training crop, one superpixel label.
 Superpixels are computed once per stored (short side 224) image; at load time the label map is cut with the
@@ -60,7 +60,7 @@ def decode_label_map(value: bytes) -> np.ndarray:
 
 
 def crop_label_map(labels: np.ndarray, box: Sequence[float]) -> np.ndarray:
-    """Cut [h, w] labels with a crop box (x0, y0, x1, y1) given as fractions of the image (SPEC §6).
+    """Cut [h, w] labels with a crop box (x0, y0, x1, y1) given as fractions of the image (design.md §6).
 
     x runs from floor(x0*w) to ceil(x1*w) (ceil so the cut is never empty). A box with x1 < x0 (y1 < y0) describes a
     horizontally (vertically) flipped crop: the cut is taken with the sorted bounds and then flipped. A cut under 2 px
@@ -98,7 +98,7 @@ def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
 
 def patch_labels(labels: np.ndarray, box: Sequence[float], img_size: int = 224, patch_size: int = 16,
                  reduce: str = "mean") -> np.ndarray:
-    """[h, w] superpixel ids + crop box -> [img_size/patch_size]² int64 patch labels (SPEC §6).
+    """[h, w] superpixel ids + crop box -> [img_size/patch_size]² int64 patch labels (design.md §6).
 
     reduce='mean' (default, the 2022 behaviour): arithmetic mean of the ids in the patch, truncated to int — not a
     meaningful label in general, but it is what the published model was trained with. reduce='majority': the most

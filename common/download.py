@@ -20,6 +20,8 @@ from typing import Callable, Dict, Optional, Union
 
 from tqdm import tqdm
 
+from common.errors import SegCLIPError
+
 SEGCLIP_URL = "https://github.com/ArrowLuo/SegCLIP/releases/download/checkpoint_v0/segclip.bin"
 SEGCLIP_FILENAME = "segclip.bin"
 # OpenAI's URLs carry the file's SHA-256 as the second-to-last path segment; it is checked after download.
@@ -32,9 +34,10 @@ OFFLINE_ENV = "SEGCLIP_OFFLINE"
 DEFAULT_CACHE_DIR = Path(__file__).resolve().parents[1] / "checkpoints"
 
 PathLike = Union[str, os.PathLike]
+ExpectedKeys = Union[set, Callable[[], set]]
 
 
-class DownloadError(RuntimeError):
+class DownloadError(SegCLIPError, RuntimeError):
     """A download failed or was refused; the message says what to fetch by hand and where to put it."""
 
 
@@ -123,20 +126,11 @@ def download_file(url: str, dest: PathLike, sha256: Optional[str] = None,
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The released checkpoint's key set, read off the model itself (SPEC §2, §9), built on the meta device (no memory).
+# Verifying a downloaded checkpoint: loadable weights-only, and (when the caller says which) exactly the expected keys.
+# The key set comes from the caller (``modules.checkpoint.segclip_checkpoint_keys``): this client knows no model.
 
-def segclip_checkpoint_keys(**config) -> set:
-    """Names of every tensor of a SegCLIP model with ``SegCLIPConfig(**config)`` — the defaults are the released
-    ViT-B/16 checkpoint (415 keys)."""
-    import torch
-    from .modeling import SegCLIP, SegCLIPConfig
-    with torch.device("meta"):
-        return set(SegCLIP(SegCLIPConfig(**config)).state_dict())
-
-
-def check_segclip_keys(state_dict: Dict, expected: Optional[set] = None) -> None:
+def check_segclip_keys(state_dict: Dict, expected: set) -> None:
     """Raise ValueError naming the missing / unexpected keys unless the key set is exactly ``expected``."""
-    expected = segclip_checkpoint_keys() if expected is None else expected
     found = set(state_dict)
     missing, unexpected = sorted(expected - found), sorted(found - expected)
     if missing or unexpected:
@@ -144,8 +138,8 @@ def check_segclip_keys(state_dict: Dict, expected: Optional[set] = None) -> None
                          f"{len(missing)} missing {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}")
 
 
-def _verify_segclip_file(path: Path) -> None:
-    import torch
+def _verify_segclip_file(path: Path, expected_keys: Optional[ExpectedKeys]) -> None:
+    import torch  # the download client itself needs no torch; only this check of a fetched file does
     # mmap: a 750 MB checkpoint is checked without being read into memory (zip-format files; files written by
     # torch < 1.6 cannot be mapped and are read whole).
     try:
@@ -159,15 +153,18 @@ def _verify_segclip_file(path: Path) -> None:
         raise ValueError(f"not a loadable state dict: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
     if not isinstance(state_dict, dict):
         raise ValueError(f"holds a {type(state_dict).__name__}, not a state dict")
-    check_segclip_keys(state_dict)
+    if expected_keys is not None:
+        check_segclip_keys(state_dict, expected_keys() if callable(expected_keys) else expected_keys)
 
 
 def resolve_segclip_checkpoint(path: Optional[PathLike] = None, cache_dir: Optional[PathLike] = None,
-                               url: str = SEGCLIP_URL, progress: bool = True) -> Path:
+                               url: str = SEGCLIP_URL, progress: bool = True,
+                               expected_keys: Optional[ExpectedKeys] = None) -> Path:
     """The SegCLIP checkpoint to load.
 
     path given: it must exist (a typo must not trigger a 750 MB download). path None: ``<cache>/segclip.bin``,
-    downloaded from ``url`` and key-checked when missing.
+    downloaded from ``url`` when missing and checked: loadable with weights_only, and holding exactly
+    ``expected_keys`` (a set, or a function returning one, called only when a download happens) when given.
     """
     if path is not None:
         path = Path(path).expanduser()
@@ -179,7 +176,7 @@ def resolve_segclip_checkpoint(path: Optional[PathLike] = None, cache_dir: Optio
     if dest.is_file():
         return dest
     print(f"SegCLIP checkpoint not found at {dest}", flush=True)
-    return download_file(url, dest, verify=_verify_segclip_file, progress=progress)
+    return download_file(url, dest, verify=lambda p: _verify_segclip_file(p, expected_keys), progress=progress)
 
 
 def resolve_clip_weights(name_or_path: PathLike, cache_dir: Optional[PathLike] = None,

@@ -1,4 +1,4 @@
-"""Optimisation recipe of SegCLIP pretraining (SPEC §5): freezing, parameter groups, warm-up cosine LR, AdamW.
+"""Optimisation recipe of SegCLIP pretraining (design.md §5): freezing, parameter groups, warm-up cosine LR, AdamW.
 
 The 2022 code used a hand-written AdamW with a built-in schedule; it is numerically identical to
 ``torch.optim.AdamW`` driven by ``LambdaLR`` with ``f((k + 1) / total)``, so we use the library.
@@ -39,7 +39,7 @@ ALWAYS_TRAIN_PREFIXES = (
 
 
 def warmup_cosine(x: float, warmup: float = 0.002, lr_start: float = 0.0, lr_end: float = 0.0) -> float:
-    """LR multiplier at training progress ``x`` in [0, 1] (SPEC §5): linear warm-up, then cosine to ``lr_end``.
+    """LR multiplier at training progress ``x`` in [0, 1] (design.md §5): linear warm-up, then cosine to ``lr_end``.
 
     ``lr_start`` / ``lr_end`` are fractions of each group's lr.
     """
@@ -57,7 +57,7 @@ def warmup_cosine_lambda(total_steps: int, warmup: float, lr_start: float = 0.0,
 
 
 def lr_group_of(name: str) -> str:
-    """Which LR a SegCLIP parameter gets: ``'lower_lr'``, ``'lower_text_lr'`` or ``'lr'`` (SPEC §5)."""
+    """Which LR a SegCLIP parameter gets: ``'lower_lr'``, ``'lower_text_lr'`` or ``'lr'`` (design.md §5)."""
     if name.startswith(LOWER_TEXT_LR_PREFIXES):
         return "lower_text_lr"
     if name.startswith(LOWER_LR_PREFIXES):
@@ -76,7 +76,7 @@ def _block_index(name: str, marker: str) -> int:
 
 def frozen_parameter_names(model: nn.Module, freeze_layer_num: int = 0, freeze_text_layer_num: int = 0,
                            freeze_patch_embed: bool = True) -> List[str]:
-    """Names (full SegCLIP names) of the parameters the 2022 freezing rules freeze (SPEC §5).
+    """Names (full SegCLIP names) of the parameters the 2022 freezing rules freeze (design.md §5).
 
     freeze_layer_num N in -1..12: -1 disables the main loop; otherwise every ``clip.*`` parameter it does not list
     as trainable is frozen, i.e. the text/visual embeddings, ``conv1``, ``ln_pre`` and the blocks with index < N

@@ -12,40 +12,16 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 import numpy as np
 import torch
 
+from common.errors import SegCLIPError
+from common.fileio import atomic_torch_save  # noqa: F401  (re-exported: the training state is saved with it)
+
 STATE_FORMAT = "segclip-train-state/1"
 STATE_NAME = "training_state.pt"
 PathLike = Union[str, os.PathLike]
 
 
-class ResumeError(ValueError):
+class ResumeError(SegCLIPError, ValueError):
     """A resume file is missing, corrupt, or was written for a different model / optimizer setup."""
-
-
-def atomic_torch_save(obj: Any, path: PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``: a reader (or a crash at
-    any moment) sees either the previous complete file or the new complete file, never a partial one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    # Persist the rename itself (directory entry) where the platform allows it.
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-    return path
 
 
 # ---------------------------------------------------------------------------------------------- RNG states
@@ -83,7 +59,7 @@ def find_resume_file(output_dir: PathLike) -> Optional[Path]:
 
 
 def load_training_state(path: PathLike) -> Dict[str, Any]:
-    """Read a state file written by ``modules.training``; clear errors for anything else."""
+    """Read a state file written by ``engine.training``; clear errors for anything else."""
     path = Path(path)
     if not path.is_file():
         raise ResumeError(f"resume file not found: {path}")

@@ -1,4 +1,4 @@
-"""Pretraining loop (SPEC §4-§5): DDP, AMP, gradient accumulation, NaN skipping, resumable checkpoints.
+"""Pretraining loop (design.md §4-§5): DDP, AMP, gradient accumulation, NaN skipping, resumable checkpoints.
 
     env = init_distributed(args.local_rank)
     result = train(model, dataset, TrainConfig(...), env, eval_fn=...)

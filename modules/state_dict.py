@@ -1,0 +1,93 @@
+"""Pure functions on state dicts (no files): validation, key diffing, CLIP -> SegCLIP key mapping.
+
+State-dict names are those of the released checkpoint (docs/design.md, "State-dict names").
+"""
+import logging
+import re
+from typing import Dict, List, Mapping
+
+import torch
+from torch import nn
+
+from common.errors import SegCLIPError
+
+logger = logging.getLogger(__name__)
+
+CLIP_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")   # non-tensor entries of OpenAI's archives
+
+
+class CheckpointError(SegCLIPError, ValueError):
+    """A checkpoint file is missing, unreadable or does not fit the model; the message says which keys."""
+
+
+def as_state_dict(obj, source: str = "state dict") -> Dict[str, torch.Tensor]:
+    if not isinstance(obj, Mapping) or not obj:
+        raise CheckpointError(f"{source} does not hold a state dict (got {type(obj).__name__})")
+    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{source} is not a state dict of tensors; offending entries: {bad[:5]}")
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return dict(obj)
+
+
+def count_indices(sd: Mapping[str, torch.Tensor], pattern: str) -> int:
+    rx = re.compile(pattern)
+    return len({m.group(1) for k in sd for m in [rx.match(k)] if m})
+
+
+def require_keys(sd: Mapping[str, torch.Tensor], *keys: str):
+    missing = [k for k in keys if k not in sd]
+    if missing:
+        raise CheckpointError(f"not a SegCLIP/CLIP ViT state dict: missing {missing[:6]}"
+                              f"{' ...' if len(missing) > 6 else ''} (found {len(sd)} keys, e.g. {list(sd)[:3]})")
+
+
+def check_shapes(own: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor], what: str = "tensor") -> None:
+    """Raise CheckpointError for the first tensor of ``sd`` whose shape differs from ``own``'s."""
+    for k, v in sd.items():
+        if k in own and own[k].shape != v.shape:
+            raise CheckpointError(f"{what} {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+
+
+def load_into(model: nn.Module, sd: Mapping[str, torch.Tensor], strict: bool = True) -> None:
+    """Copy ``sd`` into ``model``; raise CheckpointError listing missing / unexpected / mis-shaped keys.
+
+    ``vis_mae_decoder.*`` in the file is ignored when the model has no decoder (MAE branch off)."""
+    own = model.state_dict()
+    has_decoder = any(k.startswith("vis_mae_decoder.") for k in own)
+    sd = {k: v for k, v in sd.items() if has_decoder or not k.startswith("vis_mae_decoder.")}
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    misshaped = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                 for k in own if k in sd and sd[k].shape != own[k].shape]
+    if misshaped or (strict and (missing or unexpected)):
+        def show(items):
+            return ", ".join(items[:8]) + (f" ... (+{len(items) - 8} more)" if len(items) > 8 else "")
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys: {show(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys: {show(unexpected)}")
+        if misshaped:
+            parts.append(f"{len(misshaped)} mis-shaped tensors: {show(misshaped)}")
+        raise CheckpointError("checkpoint does not fit the SegCLIP model: " + "; ".join(parts))
+    if missing or unexpected:
+        logger.warning("loading with %d missing and %d unexpected keys (missing: %s; unexpected: %s)",
+                       len(missing), len(unexpected), missing[:5], unexpected[:5])
+    model.load_state_dict(sd, strict=False)
+
+
+def clip_to_segclip_key(key: str, first_stage_layer: int) -> str:
+    """CLIP key -> SegCLIP key: prefix 'clip.'; visual blocks split into layers0 / layers2 at first_stage_layer."""
+    m = re.match(r"visual\.transformer\.resblocks\.(\d+)\.(.*)", key)
+    if m:
+        i, rest = int(m.group(1)), m.group(2)
+        if i < first_stage_layer:
+            return f"clip.visual.transformer.layers0.{i}.{rest}"
+        return f"clip.visual.transformer.layers2.{i - first_stage_layer}.{rest}"
+    return "clip." + key
+
+
+def clip_to_segclip_state_dict(sd: Mapping[str, torch.Tensor], first_stage_layer: int) -> Dict[str, torch.Tensor]:
+    return {clip_to_segclip_key(k, first_stage_layer): v for k, v in sd.items() if k not in CLIP_EXTRA_KEYS}
