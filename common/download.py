@@ -32,6 +32,8 @@ CLIP_URLS = {
 CACHE_ENV = "SEGCLIP_CACHE"
 OFFLINE_ENV = "SEGCLIP_OFFLINE"
 DEFAULT_CACHE_DIR = Path(__file__).resolve().parents[1] / "checkpoints"
+# The 2022 README told users to put OpenAI's ViT-B-16.pt into modules/; a file there is used before downloading.
+LEGACY_CLIP_DIR = Path(__file__).resolve().parents[1] / "modules"
 
 PathLike = Union[str, os.PathLike]
 ExpectedKeys = Union[set, Callable[[], set]]
@@ -181,14 +183,17 @@ def resolve_segclip_checkpoint(path: Optional[PathLike] = None, cache_dir: Optio
 
 def resolve_clip_weights(name_or_path: PathLike, cache_dir: Optional[PathLike] = None,
                          url: Optional[str] = None, progress: bool = True) -> Path:
-    """OpenAI CLIP weights: a model name ('ViT-B/16') -> cached file, downloaded and SHA-256 checked when missing;
-    an existing path -> returned as is."""
+    """OpenAI CLIP weights: a model name ('ViT-B/16') -> cached file, else ``modules/ViT-B-16.pt`` (the 2022
+    location), else downloaded into the cache and SHA-256 checked; an existing path -> returned as is."""
     name = str(name_or_path)
     if name in CLIP_URLS or url is not None:
         url = url or CLIP_URLS[name]
         dest = default_cache_dir(cache_dir) / Path(urllib.parse.urlparse(url).path).name
         if dest.is_file():
             return dest
+        legacy = LEGACY_CLIP_DIR / dest.name
+        if name in CLIP_URLS and url == CLIP_URLS[name] and legacy.is_file():
+            return legacy
         print(f"CLIP weights {name} not found at {dest}", flush=True)
         return download_file(url, dest, sha256=sha256_from_url(url), progress=progress)
     path = Path(name).expanduser()

@@ -176,3 +176,27 @@ def test_explicit_paths(tmp_path):
     assert resolve_segclip_checkpoint(cache_dir=tmp_path, url=_free_port_url()) == tmp_path / "segclip.bin"
     with pytest.raises(FileNotFoundError, match="ViT-B/16"):
         resolve_clip_weights("ViT-L/99")
+
+
+def test_clip_found_where_the_2022_readme_put_it(tmp_path, monkeypatch, repo_root, reference):
+    """``modules/ViT-B-16.pt`` (the 2022 README's location) is used when the cache has no copy, without a download."""
+    from modules.checkpoint import load_clip_state_dict
+    assert download.LEGACY_CLIP_DIR == repo_root / "modules"
+    monkeypatch.setattr(download, "LEGACY_CLIP_DIR", tmp_path / "modules")
+    monkeypatch.setenv("SEGCLIP_OFFLINE", "1")   # any download attempt would raise
+    cache = tmp_path / "cache"
+    with pytest.raises(DownloadError, match="SEGCLIP_OFFLINE"):
+        resolve_clip_weights("ViT-B/16", cache_dir=cache, progress=False)
+    legacy = tmp_path / "modules" / "ViT-B-16.pt"
+    legacy.parent.mkdir()
+    torch.save(reference["clip_state_dict"], legacy)
+    assert resolve_clip_weights("ViT-B/16", cache_dir=cache, progress=False) == legacy
+    sd = load_clip_state_dict("ViT-B/16", cache_dir=cache)   # what --pretrained_clip_name ViT-B/16 does
+    assert set(sd) == set(reference["clip_state_dict"])
+    # a copy in the cache wins; a caller-chosen URL never picks up the legacy file
+    cache.mkdir()
+    (cache / "ViT-B-16.pt").write_bytes(b"x")
+    assert resolve_clip_weights("ViT-B/16", cache_dir=cache, progress=False) == cache / "ViT-B-16.pt"
+    other = f"http://127.0.0.1:9/{'0' * 64}/ViT-B-16.pt"
+    with pytest.raises(DownloadError):
+        resolve_clip_weights("ViT-B/16", cache_dir=tmp_path / "empty", url=other, progress=False)
