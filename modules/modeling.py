@@ -43,10 +43,11 @@ class SegTransformer(nn.Module):
         self.reconstruct_layer2 = ReconstructLayer(cfg.num_centers)
 
 
-class VisionTransformer(nn.Module):
-    """``clip.visual``: CLIP's ViT with the learnable-center block after ``first_stage_layer`` blocks."""
+class ViTBase(nn.Module):
+    """CLIP's ViT stem and head (conv1, class / positional embeddings, ln_pre, ln_post, proj) around a
+    ``transformer``: SegCLIP's grouping transformer here, plain ``resblocks`` in ``modules.clip``."""
 
-    def __init__(self, cfg: SegCLIPConfig):
+    def __init__(self, cfg: SegCLIPConfig, transformer: nn.Module):
         super().__init__()
         W, p = cfg.vision_width, cfg.vision_patch_size
         self.patch_size = p
@@ -55,7 +56,7 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(W))
         self.positional_embedding = nn.Parameter(scale * torch.randn(cfg.grid_size ** 2 + 1, W))
         self.ln_pre = LayerNorm(W)
-        self.transformer = SegTransformer(cfg)
+        self.transformer = transformer
         self.ln_post = LayerNorm(W)
         self.proj = nn.Parameter(scale * torch.randn(W, cfg.embed_dim))
 
@@ -86,6 +87,13 @@ class VisionTransformer(nn.Module):
         x = torch.cat([cls, x], dim=1) + self.positional_embedding_for(h, w).to(x.dtype)
         return self.ln_pre(x)
 
+
+class VisionTransformer(ViTBase):
+    """``clip.visual``: CLIP's ViT with the learnable-center block after ``first_stage_layer`` blocks."""
+
+    def __init__(self, cfg: SegCLIPConfig):
+        super().__init__(cfg, SegTransformer(cfg))
+
     def group(self, patches: torch.Tensor, gumbel_noise: Optional[torch.Tensor] = None
               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """patches [B, L, W] -> group tokens [B, G, W], hard_attn, soft_attn [B, G, L] (layers0 + center block)."""
@@ -104,12 +112,12 @@ class VisionTransformer(nn.Module):
 
 
 class CLIP(nn.Module):
-    """``clip``: OpenAI CLIP's text tower + the SegCLIP visual tower."""
+    """``clip``: OpenAI CLIP's text tower + a visual tower (SegCLIP's by default; plain CLIP's in ``modules.clip``)."""
 
-    def __init__(self, cfg: SegCLIPConfig):
+    def __init__(self, cfg: SegCLIPConfig, visual: Optional[nn.Module] = None):
         super().__init__()
         self.context_length = cfg.context_length
-        self.visual = VisionTransformer(cfg)
+        self.visual = VisionTransformer(cfg) if visual is None else visual
         self.transformer = Transformer(cfg.text_width, cfg.text_layers, cfg.text_heads)
         self.vocab_size = cfg.vocab_size
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.text_width)

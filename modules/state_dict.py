@@ -50,7 +50,7 @@ def check_shapes(own: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor]
             raise CheckpointError(f"{what} {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
 
 
-def load_into(model: nn.Module, sd: Mapping[str, torch.Tensor], strict: bool = True) -> None:
+def load_into(model: nn.Module, sd: Mapping[str, torch.Tensor], strict: bool = True, what: str = "SegCLIP") -> None:
     """Copy ``sd`` into ``model``; raise CheckpointError listing missing / unexpected / mis-shaped keys.
 
     ``vis_mae_decoder.*`` in the file is ignored when the model has no decoder (MAE branch off)."""
@@ -71,7 +71,7 @@ def load_into(model: nn.Module, sd: Mapping[str, torch.Tensor], strict: bool = T
             parts.append(f"{len(unexpected)} unexpected keys: {show(unexpected)}")
         if misshaped:
             parts.append(f"{len(misshaped)} mis-shaped tensors: {show(misshaped)}")
-        raise CheckpointError("checkpoint does not fit the SegCLIP model: " + "; ".join(parts))
+        raise CheckpointError(f"checkpoint does not fit the {what} model: " + "; ".join(parts))
     if missing or unexpected:
         logger.warning("loading with %d missing and %d unexpected keys (missing: %s; unexpected: %s)",
                        len(missing), len(unexpected), missing[:5], unexpected[:5])

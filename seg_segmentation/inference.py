@@ -36,16 +36,21 @@ def model_device(model) -> torch.device:
 
 
 @torch.no_grad()
-def build_text_embedding(model, class_names: Sequence[str], templates='simple', chunk: int = 256) -> torch.Tensor:
+def build_text_embedding(model, class_names: Sequence[str], templates='simple', chunk: int = 256,
+                         normalize_each: bool = False) -> torch.Tensor:
     """class names -> [N, D]: every template filled with the name, encoded, averaged over templates (no per-template
-    normalisation, as in 2022), then L2-normalised. Tokens are the 77-long evaluation layout."""
+    normalisation, as in 2022; ``normalize_each``: each template's embedding L2-normalised first, as SCLIP does),
+    then L2-normalised. Tokens are the 77-long evaluation layout."""
     model = unwrap_model(model)
     names = validate_class_names(class_names)
     formats = get_templates(templates)
     texts = [t.format(name) for name in names for t in formats]
     tokens = tokenize(texts).to(model_device(model))                        # [N*T, 77]
     embeds = torch.cat([model.encode_text(tokens[i:i + chunk]).float() for i in range(0, len(tokens), chunk)])
-    embeds = embeds.reshape(len(names), len(formats), -1).mean(dim=1)       # [N, D]
+    embeds = embeds.reshape(len(names), len(formats), -1)                  # [N, T, D]
+    if normalize_each:
+        embeds = F.normalize(embeds, dim=-1)
+    embeds = embeds.mean(dim=1)                                             # [N, D]
     return F.normalize(embeds, dim=-1)
 
 

@@ -1,0 +1,180 @@
+"""Training-free segmentation with a plain CLIP's dense features: SCLIP's protocol (design.md §12).
+
+    seg = DenseCLIPSegmentor(clip, name_file='seg_segmentation/names/voc21.txt', method='sclip',
+                             logit_scale=65, prob_thd=0.1, area_thd=0.1)
+    seg.query_features                                   # [Q, D]  one row per name (synonyms included)
+    seg_logits, seg_pred = seg.predict(image, ori_shape=(H, W))   # image [1,3,h,w] -> [C,H,W], [1,H,W]
+
+Every patch token (``CLIP.encode_dense``) is compared with every name's text embedding (cosine); windows of
+``crop`` px with ``stride`` are averaged where they overlap, resized to the original image size, optionally refined
+by PAMR, scaled by ``logit_scale``, soft-maxed over names, and each class keeps the best of its names. ``area_thd``
+drops foreground classes covering too little of the foreground; ``prob_thd`` sends unsure pixels to class 0.
+"""
+import contextlib
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from modules.clip import DENSE_METHODS
+
+from .inference import IntPair, build_text_embedding, model_device, slide_windows, unwrap_model
+from .pamr import pamr
+from .synonyms import flatten, parse_name_lines, read_name_file
+
+
+class DenseCLIPSegmentor:
+    """Names every pixel with a plain CLIP (``modules.clip.CLIP``), SCLIP's way.
+
+    Args:
+        clip: a ``modules.clip.CLIP`` (or a DDP wrapper of one); put in eval mode by the caller.
+        name_lines / name_file / classes: the class lines (names separated by ", "), a file of them, or the parsed
+            per-class name lists (``synonyms.parse_name_lines``); give exactly one.
+        templates: prompt set for every name ('full' = the 80 ImageNet prompts, as SCLIP); each prompt's
+            embedding is L2-normalised, averaged, normalised again.
+        method: 'sclip' (correlative self-attention in the last block) or 'clip' (CLIP's own last block).
+        logit_scale: multiplies the cosine similarities before the softmax over names.
+        prob_thd: pixels whose best class probability is below it become class 0.
+        area_thd: None, or foreground classes (>= 1) predicted on at most area_thd x the foreground area are zeroed.
+        pamr_steps / pamr_dilations: PAMR on the logits at the original size (0 steps = off).
+        crop / stride: sliding window; batch_size: windows per visual forward (windows of several images pooled).
+        amp_dtype: autocast dtype for the visual tower (GPU); the rest is float32.
+    """
+
+    def __init__(self, clip, name_lines: Optional[Sequence[str]] = None, name_file=None,
+                 classes: Optional[Sequence[Sequence[str]]] = None, templates='full', method: str = 'sclip',
+                 logit_scale: float = 40.0, prob_thd: float = 0.0, area_thd: Optional[float] = None,
+                 pamr_steps: int = 0, pamr_dilations: Sequence[int] = (8, 16), crop: IntPair = 224,
+                 stride: IntPair = 112, batch_size: int = 16, amp_dtype: Optional[torch.dtype] = None):
+        if sum(x is not None for x in (name_lines, name_file, classes)) != 1:
+            raise ValueError('give exactly one of name_lines, name_file, classes')
+        if method not in DENSE_METHODS:
+            raise ValueError(f'unknown method {method!r}; choose one of {DENSE_METHODS}')
+        if area_thd is not None and not 0 <= area_thd < 1:
+            raise ValueError(f'area_thd must be in [0, 1) or None, got {area_thd}')
+        if batch_size < 1:
+            raise ValueError(f'batch_size must be >= 1, got {batch_size}')
+        if classes is None:
+            classes = read_name_file(name_file) if name_file is not None else parse_name_lines(name_lines)
+        self.classes = [list(c) for c in classes]
+        self.query_words, idx = flatten(self.classes)
+        self.model = unwrap_model(clip)
+        self.device = model_device(self.model)
+        self.query_idx = torch.tensor(idx, dtype=torch.long, device=self.device)                # [Q]
+        self.query_features = build_text_embedding(self.model, self.query_words, templates,
+                                                   normalize_each=True).to(self.device)         # [Q, D]
+        self.method = method
+        self.logit_scale, self.prob_thd, self.area_thd = float(logit_scale), float(prob_thd), area_thd
+        self.pamr_steps, self.pamr_dilations = int(pamr_steps), tuple(int(d) for d in pamr_dilations)
+        self.crop, self.stride, self.batch_size = crop, stride, int(batch_size)
+        self.amp_dtype = amp_dtype
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def class_names(self) -> List[str]:
+        """The first name of each class (its label in tables)."""
+        return [c[0] for c in self.classes]
+
+    def _autocast(self):
+        if self.amp_dtype is None or self.amp_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    # ------------------------------------------------------------------ windows
+    @torch.no_grad()
+    def window_logits(self, crops: torch.Tensor) -> torch.Tensor:
+        """crops [B, 3, h, w] -> cosine similarities [B, Q, h, w], the patch grid resized bilinearly to the crop.
+
+        A side that is not a multiple of the patch size loses its remainder pixels in the visual pass (as the
+        patch convolution does); the map is still spread over the whole crop."""
+        p = self.model.patch_size
+        h, w = crops.shape[-2:]
+        if h < p or w < p:
+            raise ValueError(f'a {h}x{w} window is smaller than one {p}x{p} patch')
+        with self._autocast():
+            feats = self.model.encode_dense(crops[..., :h - h % p, :w - w % p].to(self.device), self.method)
+        feats = F.normalize(feats[:, 1:].float(), dim=-1)                    # [B, L, D]
+        logits = (feats @ self.query_features.T).transpose(1, 2)             # [B, Q, L]
+        logits = logits.reshape(*logits.shape[:2], h // p, w // p)
+        return F.interpolate(logits, size=(h, w), mode='bilinear', align_corners=False)
+
+    @torch.no_grad()
+    def slide_logits(self, images: Union[torch.Tensor, Sequence[torch.Tensor]]) -> List[torch.Tensor]:
+        """images [B,3,H,W] or a list of [3,H_i,W_i] -> list of window-averaged logits [Q, H_i, W_i]."""
+        if isinstance(images, torch.Tensor) and images.dim() == 4:
+            images = list(images)
+        Q = self.query_features.shape[0]
+        sums, counts, jobs = [], [], {}
+        for i, img in enumerate(images):
+            if img.dim() != 3 or img.shape[0] != 3:
+                raise ValueError(f'expected an image [3, H, W], got {tuple(img.shape)}')
+            H, W = img.shape[-2:]
+            sums.append(torch.zeros(Q, H, W, device=self.device))
+            counts.append(torch.zeros(1, H, W, device=self.device))
+            for y1, y2, x1, x2 in slide_windows(H, W, self.crop, self.stride):
+                jobs.setdefault((y2 - y1, x2 - x1), []).append((i, y1, y2, x1, x2))
+        for windows in jobs.values():              # windows of equal size batch together, in row-major order
+            for start in range(0, len(windows), self.batch_size):
+                part = windows[start:start + self.batch_size]
+                crops = torch.stack([images[i][:, y1:y2, x1:x2] for i, y1, y2, x1, x2 in part])
+                for (i, y1, y2, x1, x2), lg in zip(part, self.window_logits(crops)):
+                    sums[i][:, y1:y2, x1:x2] += lg
+                    counts[i][:, y1:y2, x1:x2] += 1
+        return [s / c for s, c in zip(sums, counts)]
+
+    # ------------------------------------------------------------------ whole image
+    @torch.no_grad()
+    def resize_and_refine(self, logits: torch.Tensor, image: torch.Tensor, ori_shape: Sequence[int]) -> torch.Tensor:
+        """Window-averaged logits [Q, h, w] of ``image`` [3, h, w] -> [Q, H, W] at ``ori_shape``: bilinear resize,
+        then PAMR (when on) guided by the image resized bilinearly to that size."""
+        size = tuple(int(v) for v in ori_shape[:2])
+        out = F.interpolate(logits[None], size=size, mode='bilinear', align_corners=False)
+        if self.pamr_steps > 0:
+            guide = F.interpolate(image[None].to(out.device, out.dtype), size=size, mode='bilinear',
+                                  align_corners=False)
+            out = pamr(guide, out, self.pamr_steps, self.pamr_dilations)
+        return out[0]
+
+    @torch.no_grad()
+    def postprocess(self, logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Query logits [Q, H, W] -> class probabilities [C, H, W] and labels [1, H, W] (int64)."""
+        probs = (logits * self.logit_scale).softmax(dim=0)                   # over names
+        C = self.num_classes
+        if C != probs.shape[0]:   # each class: the best of its names
+            idx = self.query_idx.to(probs.device)
+            probs = torch.stack([probs[idx == c].amax(dim=0) for c in range(C)])
+        if self.area_thd is not None:
+            area = F.one_hot(probs.argmax(dim=0), C).to(probs.dtype).sum(dim=(0, 1))[1:]   # [C-1] foreground pixels
+            keep = (area > self.area_thd * area.sum()).to(probs.dtype)
+            probs[1:] *= keep[:, None, None]
+        best, pred = probs.max(dim=0, keepdim=True)
+        pred[best < self.prob_thd] = 0
+        return probs, pred
+
+    @torch.no_grad()
+    def query_logits(self, image: torch.Tensor, ori_shape: Sequence[int]) -> torch.Tensor:
+        """image [1, 3, h, w] (normalised, already at the evaluation resolution) -> [1, Q, H, W] at ``ori_shape``."""
+        if image.dim() != 4 or image.shape[0] != 1:
+            raise ValueError(f'expected one image [1, 3, h, w], got {tuple(image.shape)}')
+        return self.resize_and_refine(self.slide_logits(image)[0], image[0], ori_shape)[None]
+
+    @torch.no_grad()
+    def predict(self, image: torch.Tensor, ori_shape: Optional[Sequence[int]] = None
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """image [1, 3, h, w] -> (seg_logits [C, H, W], seg_pred [1, H, W]); ori_shape (H, W) defaults to (h, w)."""
+        ori_shape = tuple(image.shape[-2:]) if ori_shape is None else ori_shape
+        return self.postprocess(self.query_logits(image, ori_shape)[0])
+
+    @torch.no_grad()
+    def predict_labels(self, images: Sequence[torch.Tensor], out_sizes: Optional[Sequence] = None
+                       ) -> List[torch.Tensor]:
+        """Several images [3, h_i, w_i] (their windows pooled into batches) -> label maps [H_i, W_i] int64."""
+        images = list(images)
+        preds = []
+        for i, lg in enumerate(self.slide_logits(images)):
+            size = tuple(lg.shape[-2:]) if out_sizes is None else out_sizes[i]
+            preds.append(self.postprocess(self.resize_and_refine(lg, images[i], size))[1][0])
+        return preds

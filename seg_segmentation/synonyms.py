@@ -1,0 +1,78 @@
+"""Class-name files with synonyms: one line per class (in label order), its names separated by commas.
+
+    person, person in shirt, person in dress
+    tv monitor, screen
+
+Every name is a text query; a class scores the best of its names. The first line of a dataset with background may
+list stuff names ("sky, wall, floor, ...") that stand for it. The project's own files for the eight benchmarks live
+in ``seg_segmentation/names/`` (``dataset_name_file``); a file of one name per line is the plain format.
+"""
+from pathlib import Path
+from typing import List, Sequence, Tuple, Union
+
+from common.errors import SegCLIPError
+
+NAMES_DIR = Path(__file__).resolve().parent / 'names'
+
+# benchmark -> file in NAMES_DIR (written for this project; see NAMES_DIR / 'README.md')
+DATASET_NAME_FILES = {
+    'voc': 'voc21.txt', 'context': 'context60.txt', 'coco': 'coco_object.txt', 'voc20': 'voc20.txt',
+    'context59': 'context59.txt', 'coco_stuff': 'coco_stuff.txt', 'cityscapes': 'cityscapes.txt',
+    'ade20k': 'ade20k.txt',
+}
+
+
+class ClassNamesError(SegCLIPError, ValueError):
+    """A class-name list or file is empty, has an empty name or names one thing twice."""
+
+
+def parse_name_lines(lines: Sequence[str], source: str = 'class names') -> List[List[str]]:
+    """Class lines -> per class its names (stripped). Trailing blank lines are dropped; an empty line or name, or
+    a name given twice (compared as the tokenizer sees it: lower-cased) raises ClassNamesError naming both places."""
+    lines = [str(line) for line in lines]
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines:
+        raise ClassNamesError(f'{source}: no class names')
+    classes, seen = [], {}
+    for i, line in enumerate(lines):
+        names = [n.strip() for n in line.split(',')]
+        if not any(names):
+            raise ClassNamesError(f'{source}: line {i + 1} (class {i}) is empty; give every class a name')
+        if not all(names):
+            raise ClassNamesError(f'{source}: line {i + 1} (class {i}) has an empty name in {line.strip()!r}; '
+                                  'separate names with ", " and no trailing comma')
+        for n in names:
+            key = ' '.join(n.lower().split())
+            if key in seen:
+                raise ClassNamesError(f'{source}: the name {n!r} of class {i} (line {i + 1}) repeats {seen[key][1]!r} '
+                                      f'of class {seen[key][0]}; each name may stand for one class only')
+            seen[key] = (i, n)
+        classes.append(names)
+    return classes
+
+
+def read_name_file(path: Union[str, Path]) -> List[List[str]]:
+    """A class-name file (UTF-8) -> per class its names."""
+    path = Path(path)
+    if not path.is_file():
+        raise ClassNamesError(f'class-name file not found: {path}')
+    try:
+        text = path.read_text(encoding='utf-8')
+    except UnicodeDecodeError as e:
+        raise ClassNamesError(f'{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8') from e
+    return parse_name_lines(text.splitlines(), source=str(path))
+
+
+def dataset_name_file(dataset: str) -> Path:
+    """The project's synonym file for a benchmark (``--dataset`` name)."""
+    if dataset not in DATASET_NAME_FILES:
+        raise ClassNamesError(f'no synonym file for dataset {dataset!r}; known: {sorted(DATASET_NAME_FILES)}')
+    return NAMES_DIR / DATASET_NAME_FILES[dataset]
+
+
+def flatten(classes: Sequence[Sequence[str]]) -> Tuple[List[str], List[int]]:
+    """Per-class names -> (every name, the class index of each)."""
+    names = [n for c in classes for n in c]
+    idx = [i for i, c in enumerate(classes) for _ in c]
+    return names, idx
