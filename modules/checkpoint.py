@@ -1,17 +1,19 @@
 """Reading checkpoints safely: SegCLIP state dicts and OpenAI CLIP weights (design.md §3, §9).
 
-Files are read with ``torch.load(weights_only=True)`` (no arbitrary pickles); OpenAI's TorchScript archives are
-read with ``torch.jit.load``. Every size of the model is inferred from the tensors.
+Files are read with ``torch.load(weights_only=True)`` (no arbitrary pickles); OpenAI's TorchScript archives,
+``.safetensors`` files and Hugging Face CLIP folders by ``modules.clip_formats``, which runs no code from a file.
+Every size of the model is inferred from the tensors.
 """
 import logging
 import os
-import zipfile
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Union
 
 import torch
 
 from common.download import resolve_clip_weights
+from .clip_formats import (ClipWeights, is_safetensors, is_torchscript, read_hf_folder, read_safetensors,
+                           read_torchscript_state_dict, to_openai_layout)
 from .config import SegCLIPConfig
 from .modeling import SegCLIP
 from .state_dict import CLIP_EXTRA_KEYS, CheckpointError, as_state_dict, require_keys
@@ -22,25 +24,18 @@ PathLike = Union[str, os.PathLike]
 WRAPPER_KEYS = ("state_dict", "model", "module")
 
 
-def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as zf:
-        return any(n.endswith("constants.pkl") for n in zf.namelist())
-
-
 def load_state_dict_file(path: PathLike) -> Dict[str, torch.Tensor]:
     """path -> {name: tensor} on CPU.  Accepts a plain state dict, a dict wrapping one under 'state_dict' /
-    'model', a DDP-prefixed ('module.') dict, or a TorchScript archive (OpenAI CLIP files)."""
+    'model', a DDP-prefixed ('module.') dict, a TorchScript archive (OpenAI CLIP files; read without running it)
+    or a ``.safetensors`` file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
-    if _is_torchscript(path):
-        try:
-            sd = torch.jit.load(str(path), map_location="cpu").state_dict()
-        except Exception as e:  # noqa: BLE001 - report any failure of the archive reader the same way
-            raise CheckpointError(f"{path} looks like a TorchScript archive but could not be read: {e}") from e
-        return {k: v for k, v in sd.items() if k not in CLIP_EXTRA_KEYS}
+    if is_torchscript(path):
+        sd = read_torchscript_state_dict(path)
+        return as_state_dict({k: v for k, v in sd.items() if k not in CLIP_EXTRA_KEYS}, source=str(path))
+    if is_safetensors(path):
+        return as_state_dict(read_safetensors(path), source=str(path))
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
@@ -54,19 +49,51 @@ def load_state_dict_file(path: PathLike) -> Dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------- OpenAI CLIP
-def load_clip_state_dict(path_or_state_dict, cache_dir: Optional[str] = None) -> Dict[str, torch.Tensor]:
-    """A CLIP model name ('ViT-B/16'), a file, or a state dict -> OpenAI-layout state dict."""
+def load_clip_weights(path_or_state_dict, cache_dir: Optional[str] = None) -> ClipWeights:
+    """A CLIP model name ('ViT-B/16'), a file (OpenAI TorchScript, a state dict, an open_clip checkpoint,
+    ``.safetensors``), a Hugging Face ``transformers`` CLIP folder, or a state dict -> OpenAI-layout ClipWeights."""
     if isinstance(path_or_state_dict, Mapping):
-        sd = as_state_dict(path_or_state_dict, "CLIP state dict")
+        weights = to_openai_layout(as_state_dict(path_or_state_dict, "CLIP state dict"))
     else:
         path = Path(path_or_state_dict)
         if not path.exists():
             path = resolve_clip_weights(str(path_or_state_dict), cache_dir=cache_dir)
-        sd = load_state_dict_file(path)
-    sd = {k: v for k, v in sd.items() if k not in CLIP_EXTRA_KEYS}
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise CheckpointError(f"{path} is a folder without config.json; give a CLIP weights file or a "
+                                      "Hugging Face CLIP folder (config.json + model.safetensors / pytorch_model.bin)")
+            weights = read_hf_folder(path, load_state_dict_file)
+        else:
+            weights = to_openai_layout(load_state_dict_file(path), str(path))
+    sd = {k: v for k, v in weights.state_dict.items() if k not in CLIP_EXTRA_KEYS}
     require_keys(sd, "visual.conv1.weight", "visual.positional_embedding", "visual.proj", "text_projection",
              "token_embedding.weight", "positional_embedding", "ln_final.weight")
-    return sd
+    weights.state_dict = sd
+    return weights
+
+
+def load_clip_state_dict(path_or_state_dict, cache_dir: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """As ``load_clip_weights``, for SegCLIP (``SegCLIP.from_clip``), whose towers use CLIP's QuickGELU: weights
+    known to use another activation are refused."""
+    weights = load_clip_weights(path_or_state_dict, cache_dir)
+    if weights.activation not in (None, "quick_gelu"):
+        raise CheckpointError(f"{path_or_state_dict if not isinstance(path_or_state_dict, Mapping) else 'CLIP'}: "
+                              f"these CLIP weights use the {weights.activation} activation; SegCLIP is built on "
+                              "OpenAI CLIP's QuickGELU (use them with --method clip or sclip)")
+    return weights.state_dict
+
+
+def load_clip(path_or_state_dict, cache_dir: Optional[str] = None, device: Union[str, torch.device] = "cpu",
+              activation: Optional[str] = None):
+    """Any CLIP weights ``load_clip_weights`` reads -> ``modules.clip.CLIP`` in eval mode on ``device``.
+    ``activation`` ('quick_gelu' | 'gelu') overrides what the file says (open_clip files do not say: QuickGELU,
+    OpenAI's, is assumed)."""
+    from .clip import CLIP
+    weights = load_clip_weights(path_or_state_dict, cache_dir)
+    model = CLIP.from_state_dict(weights.state_dict, activation=activation or weights.activation or "quick_gelu")
+    logger.info("loaded CLIP (%s layout, %s) with %.1fM parameters", weights.layout,
+                activation or weights.activation or "quick_gelu", sum(p.numel() for p in model.parameters()) / 1e6)
+    return model.to(device).eval()
 
 
 # ---------------------------------------------------------------------------------------------- SegCLIP

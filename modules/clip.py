@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .clip_formats import ACTIVATIONS
 from .config import SegCLIPConfig, clip_config
 from .layers import MultiheadAttention, Transformer, run_blocks
 from .modeling import CLIP as CLIPWithText
@@ -112,9 +113,14 @@ class CLIP(CLIPWithText):
         return self.visual.patch_size
 
     @classmethod
-    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> "CLIP":
-        """An OpenAI-layout CLIP ViT state dict (``modules.checkpoint.load_clip_state_dict`` reads every file format
-        into one) -> CLIP; raises CheckpointError naming missing / unexpected / mis-shaped keys."""
+    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], activation: str = 'quick_gelu') -> "CLIP":
+        """An OpenAI-layout CLIP ViT state dict (``modules.checkpoint.load_clip_weights`` reads every file format
+        into one) -> CLIP; raises CheckpointError naming missing / unexpected / mis-shaped keys.
+
+        ``activation``: the MLP's, which no state dict records: 'quick_gelu' (OpenAI's models) or 'gelu' (most
+        open_clip models trained elsewhere; a transformers config.json says which)."""
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         sd = {k: v for k, v in state_dict.items() if k not in CLIP_EXTRA_KEYS}
         require_keys(sd, *CLIP_REQUIRED_KEYS)
         cfg = clip_config(sd, first_stage_layer=0)   # no center block in a plain CLIP
@@ -122,6 +128,9 @@ class CLIP(CLIPWithText):
             model = cls(cfg)
         model.to_empty(device="cpu")
         load_into(model, sd, strict=True, what="CLIP")
+        if activation == 'gelu':
+            for block in list(model.transformer.resblocks) + list(model.visual.transformer.resblocks):
+                block.mlp.gelu = nn.GELU()
         return model
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:

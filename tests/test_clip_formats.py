@@ -1,0 +1,242 @@
+"""CLIP weights from every format, checked against the library that defines each format (its own image and text
+embeddings), and TorchScript archives read without running their code (design.md §9)."""
+import os
+from typing import Tuple
+
+import pytest
+import torch
+
+from modules.checkpoint import (CheckpointError, load_clip, load_clip_state_dict, load_clip_weights,
+                                load_state_dict_file)
+from modules.clip import CLIP
+from modules.modeling import SegCLIP
+from modules.tokenization_clip import tokenize
+
+EMBED = dict(atol=1e-5, rtol=0)
+TEXTS = ["a photo of a cat.", "a diagram", "two dogs playing in the snow"]
+
+
+def _perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random weights everywhere (no LayerNorm left at 1 / 0, no zero bias), so every tensor's mapping matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.eval()
+
+
+def _check(ours: CLIP, image_fn, text_fn, size: int):
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    tokens = tokenize(TEXTS)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.encode_image(images), image_fn(images), **EMBED)
+        torch.testing.assert_close(ours.encode_text(tokens), text_fn(tokens), **EMBED)
+
+
+# ---------------------------------------------------------------------------------------------- OpenAI TorchScript
+@pytest.fixture(scope="module")
+def torchscript_clip(reference, tmp_path_factory):
+    """A tiny OpenAI CLIP (the clip package's own code) traced and saved as TorchScript, as ViT-B-16.pt is."""
+    clip = pytest.importorskip("clip")
+    from clip.model import build_model
+    oracle = build_model(dict(reference["clip_state_dict"])).float().eval()
+    tokens = clip.tokenize(TEXTS)
+    traced = torch.jit.trace_module(oracle, {"encode_text": tokens, "encode_image": reference["images"]})
+    path = tmp_path_factory.mktemp("ts") / "ViT-tiny.pt"
+    torch.jit.save(traced, str(path))
+    return path, oracle
+
+
+def test_torchscript_read_without_jit(torchscript_clip, monkeypatch):
+    path, oracle = torchscript_clip
+    expected = torch.jit.load(str(path)).state_dict()
+
+    def forbidden(*a, **k):
+        raise AssertionError("torch.jit.load must not be used")
+    monkeypatch.setattr(torch.jit, "load", forbidden)
+    sd = load_state_dict_file(path)
+    assert set(sd) == set(expected) - {"input_resolution", "context_length", "vocab_size"}
+    for k, v in sd.items():
+        assert v.dtype == expected[k].dtype and torch.equal(v, expected[k]), k
+    model = load_clip(str(path))
+    _check(model, oracle.encode_image, oracle.encode_text, 112)
+    # and SegCLIP initialised from it (main_task_align.py --pretrained_clip_name)
+    segclip = SegCLIP.from_clip(load_clip_state_dict(str(path)), first_stage_layer=10).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(segclip.encode_text(tokenize(TEXTS)), oracle.encode_text(tokenize(TEXTS)), **EMBED)
+
+
+class _Marker(torch.nn.Module):
+    """A scripted module whose TorchScript __setstate__ creates and writes a file when the archive is loaded."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(2))
+        self.path = path
+
+    @torch.jit.export
+    def __getstate__(self) -> Tuple[torch.Tensor, str, bool]:
+        return (self.weight, self.path, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: Tuple[torch.Tensor, str, bool]) -> None:
+        written = torch.from_file(state[1], True, 4, dtype=torch.uint8)
+        written.fill_(65)
+        self.weight = state[0] + written[:1].float() * 0.0   # keeps the write alive through dead-code elimination
+        self.path = state[1]
+        self.training = state[2]
+
+    def forward(self, x):
+        return x * self.weight
+
+
+class _Host(torch.nn.Module):
+    def __init__(self, path: str):
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 2)
+        self.marker = _Marker(path)
+
+    def forward(self, x):
+        return self.marker(self.lin(x))
+
+
+def test_malicious_torchscript_never_runs(tmp_path):
+    target = tmp_path / "pwned.txt"
+    archive = tmp_path / "evil.pt"
+    torch.jit.save(torch.jit.script(_Host(str(target))), str(archive))
+    assert not target.exists()
+    torch.jit.load(str(archive))              # the archive does run code under torch.jit.load ...
+    assert target.read_bytes() == b"AAAA"
+    target.unlink()
+    for load in (load_state_dict_file, load_clip_state_dict):   # ... and never under our readers
+        with pytest.raises(CheckpointError, match="own __setstate__ code, which this reader never runs"):
+            load(archive)
+        assert not target.exists()
+
+
+def test_torchscript_with_foreign_globals_is_refused(tmp_path):
+    """Anything in data.pkl beyond tensors, containers and TorchScript records is refused, not imported."""
+    import io
+    import pickle
+    import zipfile
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo never",))
+    buf = io.BytesIO()
+    pickle.dump({"x": Evil()}, buf, protocol=2)
+    path = tmp_path / "foreign.pt"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("foreign/data.pkl", buf.getvalue())
+        zf.writestr("foreign/constants.pkl", pickle.dumps(()))
+    with pytest.raises(CheckpointError, match=r"refers to (posix|os)\.system"):
+        load_state_dict_file(path)
+
+
+# ---------------------------------------------------------------------------------------------- open_clip
+@pytest.fixture(scope="module", params=[True, False], ids=["quickgelu", "gelu"])
+def open_clip_model(request):
+    open_clip = pytest.importorskip("open_clip")
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+    model = open_clip.model.CLIP(
+        embed_dim=32, quick_gelu=request.param,
+        vision_cfg=CLIPVisionCfg(layers=3, width=128, patch_size=16, image_size=64, head_width=64),
+        text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=1, layers=2))
+    return _perturb(model), ("quick_gelu" if request.param else "gelu")
+
+
+def test_open_clip_checkpoint(open_clip_model, tmp_path):
+    oc, act = open_clip_model
+    # the file open_clip's training writes: {'epoch', 'name', 'state_dict' with DDP's 'module.' prefix, ...}
+    path = tmp_path / "epoch_1.pt"
+    torch.save({"epoch": 1, "name": "tiny", "state_dict": {"module." + k: v for k, v in oc.state_dict().items()}},
+               path)
+    ours = load_clip(str(path), activation=act)
+    _check(ours, oc.encode_image, oc.encode_text, 64)
+    if act == "gelu":   # QuickGELU assumed when the file does not say: the embeddings then differ
+        with torch.no_grad():
+            assert (load_clip(str(path)).encode_image(torch.ones(1, 3, 64, 64))
+                    - oc.encode_image(torch.ones(1, 3, 64, 64))).abs().max() > 1e-4
+
+
+def test_open_clip_safetensors(open_clip_model, tmp_path):
+    from safetensors.torch import save_file
+    oc, act = open_clip_model
+    path = tmp_path / "open_clip_model.safetensors"      # the file open_clip's hub models ship
+    save_file({k: v.contiguous() for k, v in oc.state_dict().items()}, str(path))
+    _check(load_clip(str(path), activation=act), oc.encode_image, oc.encode_text, 64)
+
+
+# ---------------------------------------------------------------------------------------------- transformers
+@pytest.fixture(scope="module", params=["quick_gelu", "gelu"])
+def hf_model(request):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.CLIPConfig(
+        text_config=dict(vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=1, max_position_embeddings=77, hidden_act=request.param),
+        vision_config=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=2,
+                           image_size=64, patch_size=16, hidden_act=request.param),
+        projection_dim=32)
+    return _perturb(transformers.CLIPModel(cfg)), request.param
+
+
+def _hf_fns(hf):
+    def image(x):
+        out = hf.get_image_features(pixel_values=x)
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    def text(t):
+        out = hf.get_text_features(input_ids=t)
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+    return image, text
+
+
+@pytest.mark.parametrize("weights_file", ["model.safetensors", "pytorch_model.bin"])
+def test_transformers_folder(hf_model, weights_file, tmp_path):
+    hf, act = hf_model
+    folder = tmp_path / "clip-tiny"
+    hf.save_pretrained(str(folder))          # config.json + model.safetensors
+    if weights_file == "pytorch_model.bin":  # the older layout of the same folder
+        (folder / "model.safetensors").unlink()
+        torch.save(hf.state_dict(), folder / "pytorch_model.bin")
+    weights = load_clip_weights(str(folder))
+    assert weights.activation == act and weights.layout == "transformers"
+    _check(load_clip(str(folder)), *_hf_fns(hf), 64)
+    if act == "quick_gelu":   # SegCLIP initialised from it (main_task_align.py --pretrained_clip_name)
+        segclip = SegCLIP.from_clip(load_clip_state_dict(str(folder)), first_stage_layer=2).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(segclip.encode_text(tokenize(TEXTS)), _hf_fns(hf)[1](tokenize(TEXTS)), **EMBED)
+    else:                     # SegCLIP's towers are QuickGELU: refused, not silently wrong
+        with pytest.raises(CheckpointError, match="gelu activation; SegCLIP is built on"):
+            load_clip_state_dict(str(folder))
+
+
+def test_transformers_safetensors_file(hf_model, tmp_path):
+    """A bare model.safetensors in transformers' layout converts too (activation then from the caller)."""
+    hf, act = hf_model
+    hf.save_pretrained(str(tmp_path / "f"))
+    _check(load_clip(str(tmp_path / "f" / "model.safetensors"), activation=act), *_hf_fns(hf), 64)
+
+
+def test_openai_state_dict_and_safetensors(reference, tmp_path):
+    from safetensors.torch import save_file
+    clip = pytest.importorskip("clip")
+    oracle = clip.model.build_model(dict(reference["clip_state_dict"])).float().eval()
+    sd = oracle.state_dict()
+    torch.save(sd, tmp_path / "clip.pt")
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "clip.safetensors"))
+    for name in ("clip.pt", "clip.safetensors"):
+        _check(load_clip(str(tmp_path / name)), oracle.encode_image, oracle.encode_text, 112)
+
+
+def test_bad_clip_inputs(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="folder without config.json"):
+        load_clip(str(tmp_path / "empty"))
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text('{"model_type": "clip", "text_config": {}, "vision_config": {}}')
+    with pytest.raises(CheckpointError, match="needs model.safetensors or pytorch_model.bin"):
+        load_clip(str(tmp_path / "hf"))
+    (tmp_path / "bad.safetensors").write_bytes((20).to_bytes(8, "little") + b"{not json")
+    with pytest.raises(CheckpointError, match="not a readable .safetensors file"):
+        load_clip(str(tmp_path / "bad.safetensors"))
