@@ -8,7 +8,6 @@ The published run (8 GPUs x 96 = global batch 768, 10 epochs):
 
 Also runs under ``python -m torch.distributed.launch`` and as a single ``python`` process (CPU when no CUDA).
 """
-import argparse
 import json
 import logging
 import os
@@ -19,90 +18,106 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import cli
+from common.errors import UsageError
+from dataloaders.pretrain import add_data_args
+from seg_segmentation.classes import DATASET_CLASSES
+from seg_segmentation.datasets import resolve_data_root
+
 logger = logging.getLogger("segclip.train")
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description="SegCLIP pretraining (image-caption contrastive + superpixel KL + MAE)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser():
+    p = cli.make_parser("SegCLIP pretraining (image-caption contrastive + superpixel KL + MAE)")
     p.add_argument("--do_pretrain", action="store_true", help="run pretraining (required, as in the 2022 script)")
     # ---- model
-    p.add_argument("--pretrained_clip_name", default="ViT-B/16",
-                   help="CLIP weights to start from: a name (ViT-B/16, downloaded and SHA-256 checked) or a file "
-                        "(OpenAI TorchScript archive or plain state dict)")
-    p.add_argument("--cache_dir", default=None, help="where named CLIP weights are downloaded to")
-    p.add_argument("--init_model", default=None,
-                   help="SegCLIP state dict loaded on top of the CLIP initialisation (e.g. pytorch_model.bin.N)")
-    p.add_argument("--first_stage_layer", type=int, default=10, help="visual blocks before the learnable centers")
-    p.add_argument("--use_vision_mae_recon", action="store_true", help="add the MAE reconstruction loss")
-    p.add_argument("--mae_vis_mask_ratio", type=float, default=0.75, help="fraction of patches the MAE pass removes")
-    p.add_argument("--use_seglabel", action="store_true", help="add the superpixel KL loss (needs superpixel data)")
-    p.add_argument("--freeze_layer_num", type=int, default=0,
+    cli.add_checkpoint_args(
+        p, init_model_help="SegCLIP state dict loaded on top of the CLIP initialisation (e.g. pytorch_model.bin.N)",
+        clip_help="CLIP weights to start from: a name (ViT-B/16, downloaded and SHA-256 checked) or a file "
+                  "(OpenAI TorchScript archive or plain state dict)")
+    g = p.add_argument_group("model")
+    g.add_argument("--use_vision_mae_recon", action="store_true", help="add the MAE reconstruction loss")
+    g.add_argument("--mae_vis_mask_ratio", type=float, default=0.75, help="fraction of patches the MAE pass removes")
+    g.add_argument("--use_seglabel", action="store_true", help="add the superpixel KL loss (needs superpixel data)")
+    g.add_argument("--freeze_layer_num", type=int, default=0,
                    help="freeze the visual and text blocks below this index (0..12); -1 disables the freezing loop. "
                         "0 still freezes the embeddings, conv1 and ln_pre (2022 behaviour)")
-    p.add_argument("--freeze_text_layer_num", type=int, default=0,
+    g.add_argument("--freeze_text_layer_num", type=int, default=0,
                    help="> 0: also freeze the text embeddings and the text blocks below this index")
     # ---- optimisation
-    p.add_argument("--batch_size", type=int, default=256,
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch_size", type=int, default=256,
                    help="GLOBAL batch per optimizer step (split over processes and accumulation steps)")
-    p.add_argument("--epochs", type=int, default=20, help="training epochs")
-    p.add_argument("--lr", type=float, default=1e-4, help="LR of the new parts (centers, layers2, MAE, proj)")
-    p.add_argument("--lower_lr", type=float, default=0.0, help="LR of inherited CLIP parts; 0 means lr * coef_lr")
-    p.add_argument("--lower_text_lr", type=float, default=0.0,
+    g.add_argument("--epochs", type=int, default=20, help="training epochs")
+    g.add_argument("--lr", type=float, default=1e-4, help="LR of the new parts (centers, layers2, MAE, proj)")
+    g.add_argument("--lower_lr", type=float, default=0.0, help="LR of inherited CLIP parts; 0 means lr * coef_lr")
+    g.add_argument("--lower_text_lr", type=float, default=0.0,
                    help="LR of the text token/positional embeddings; 0 means lower_lr")
-    p.add_argument("--coef_lr", type=float, default=1.0, help="lower_lr = lr * coef_lr when --lower_lr is 0")
-    p.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay (not on biases)")
-    p.add_argument("--opt_b1", type=float, default=0.9, help="AdamW beta1")
-    p.add_argument("--opt_b2", type=float, default=0.98, help="AdamW beta2")
-    p.add_argument("--eps", type=float, default=1e-6, help="AdamW epsilon")
-    p.add_argument("--warmup_proportion", type=float, default=0.15, help="fraction of steps with linear warm-up")
-    p.add_argument("--lr_start", type=float, default=0.0, help="warm-up start LR as a fraction of each group's LR")
-    p.add_argument("--lr_end", type=float, default=0.0, help="final LR as a fraction of each group's LR")
-    p.add_argument("--clip_grad", type=float, default=1.0, help="max gradient norm (<= 0: no clipping)")
-    p.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off",
-                   help="autocast precision; off = fp32 (the published recipe); fp16 uses a gradient scaler")
-    p.add_argument("--seed", type=int, default=42, help="seed of initialisation, data order and augmentation")
-    p.add_argument("--max_words", type=int, default=77, help="caption tokens incl. SOT/EOT (the recipe uses 32)")
+    g.add_argument("--coef_lr", type=float, default=1.0, help="lower_lr = lr * coef_lr when --lower_lr is 0")
+    g.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay (not on biases)")
+    g.add_argument("--opt_b1", type=float, default=0.9, help="AdamW beta1")
+    g.add_argument("--opt_b2", type=float, default=0.98, help="AdamW beta2")
+    g.add_argument("--eps", type=float, default=1e-6, help="AdamW epsilon")
+    g.add_argument("--warmup_proportion", type=float, default=0.15, help="fraction of steps with linear warm-up")
+    g.add_argument("--lr_start", type=float, default=0.0, help="warm-up start LR as a fraction of each group's LR")
+    g.add_argument("--lr_end", type=float, default=0.0, help="final LR as a fraction of each group's LR")
+    g.add_argument("--clip_grad", type=float, default=1.0, help="max gradient norm (<= 0: no clipping)")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--seed", type=int, default=42, help="seed of initialisation, data order and augmentation")
+    g.add_argument("--max_words", type=int, default=77, help="caption tokens incl. SOT/EOT (the recipe uses 32)")
     # ---- data loading
-    p.add_argument("--num_thread_reader", type=int, default=1, help="DataLoader worker processes per GPU/process")
-    p.add_argument("--use_pin_memory", action="store_true", help="pin host memory of batches (CUDA only)")
-    p.add_argument("--steps_per_epoch", type=int, default=0,
+    g = p.add_argument_group("data loading")
+    g.add_argument("--num_thread_reader", type=int, default=1, help="DataLoader worker processes per GPU/process")
+    g.add_argument("--use_pin_memory", action="store_true", help="pin host memory of batches (CUDA only)")
+    g.add_argument("--steps_per_epoch", type=int, default=0,
                    help="optimizer steps per epoch for a streaming dataset that has no length")
     # ---- output, checkpoints, resuming
-    p.add_argument("--output_dir", required=True, help="checkpoints, training state and log.txt go here")
-    p.add_argument("--save_every_steps", type=int, default=0,
+    g = p.add_argument_group("output, checkpoints, resuming")
+    g.add_argument("--output_dir", required=True, help="checkpoints, training state and log.txt go here")
+    g.add_argument("--save_every_steps", type=int, default=0,
                    help="also write the training state every N optimizer steps (0: at epoch ends only)")
-    p.add_argument("--resume_model", default=None,
+    g.add_argument("--resume_model", default=None,
                    help="training_state.pt to continue from (mid-epoch, same batches)")
-    p.add_argument("--resume", choices=["auto"], default=None,
+    g.add_argument("--resume", choices=["auto"], default=None,
                    help="'auto': continue from OUTPUT_DIR/training_state.pt when it exists, else start fresh")
-    p.add_argument("--stop_after_steps", type=int, default=0,
+    g.add_argument("--stop_after_steps", type=int, default=0,
                    help="stop after this many optimizer steps in total (the schedule still spans --epochs); "
                         "the state is saved so that --resume auto continues (for time-limited jobs)")
-    p.add_argument("--n_display", type=int, default=100, help="log every N optimizer steps")
-    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    g.add_argument("--n_display", type=int, default=100, help="log every N optimizer steps")
     # ---- evaluation after each epoch
-    p.add_argument("--eval_data_root", default=None,
+    g = p.add_argument_group("evaluation after each epoch")
+    g.add_argument("--eval_data_root", default=None,
                    help="zero-shot segmentation data (mmseg layout) evaluated after every epoch; none: skip")
-    p.add_argument("--eval_dataset", default="voc",
-                   help="which benchmark --eval_data_root holds: voc, context, coco (or another name "
-                        "seg_segmentation knows)")
-    p.add_argument("--eval_max_images", type=int, default=None,
+    g.add_argument("--eval_dataset", default="voc", choices=sorted(DATASET_CLASSES),
+                   help="which benchmark --eval_data_root holds")
+    g.add_argument("--eval_max_images", type=int, default=None,
                    help="evaluate only the first N images of the split (quick checks)")
-    from engine.distributed import add_distributed_args
-    add_distributed_args(p)
-    try:
-        from dataloaders.pretrain import add_data_args
-    except ImportError as e:  # the data package is part of this repository; a broken checkout should say so
-        raise SystemExit(f"error: cannot import dataloaders.pretrain ({e})")
+    cli.add_runtime_args(p, amp_help="autocast precision; off = fp32 (the published recipe); fp16 uses a "
+                                     "gradient scaler and needs CUDA")
     add_data_args(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def get_args(argv=None):
+    args = cli.parse(build_parser(), argv)
     if not args.do_pretrain:
-        p.error("nothing to do: pass --do_pretrain")
+        raise UsageError("nothing to do: pass --do_pretrain")
     if args.resume_model and args.resume:
-        p.error("give either --resume_model FILE or --resume auto, not both")
+        raise UsageError("give either --resume_model FILE or --resume auto, not both")
+    cli.check_positive(args, "batch_size", "epochs", "gradient_accumulation_steps", "max_words", "eval_max_images")
     return args
+
+
+def check_inputs(args) -> None:
+    """Paths, outputs and device, before any model is loaded or any step is taken."""
+    cli.check_writable_dir(args.output_dir, "--output_dir")
+    cli.check_input_file(args.init_model, "--init_model")
+    cli.check_input_file(args.resume_model, "--resume_model")
+    if args.eval_data_root is not None:
+        resolve_data_root(args.eval_dataset, args.eval_data_root)
+    device = cli.resolve_device(args.device)
+    if args.amp == "fp16" and device.type != "cuda":
+        raise UsageError("--amp fp16 needs CUDA; use --amp bf16 on CPU")
 
 
 def setup_logging(output_dir: str, is_main: bool) -> None:
@@ -155,8 +170,10 @@ def make_eval_fn(args, device):
     return eval_fn
 
 
+@cli.run_main
 def main(argv=None) -> int:
     args = get_args(argv)
+    check_inputs(args)
     from modules.checkpoint import CheckpointError
     from engine.distributed import cleanup, init_distributed
     from engine.optimization import OptimConfig
@@ -183,8 +200,6 @@ def main(argv=None) -> int:
             stop_after_steps=args.stop_after_steps, n_display=args.n_display, progress=not args.no_progress,
             steps_per_epoch=args.steps_per_epoch)
         check_batch_layout(cfg, env.world_size)
-        if args.amp == "fp16" and env.device.type != "cuda":
-            raise ValueError("--amp fp16 needs CUDA; use --amp bf16 on CPU")
 
         resume_path = args.resume_model or (find_resume_file(args.output_dir) if args.resume == "auto" else None)
         resume_state = load_training_state(resume_path) if resume_path else None

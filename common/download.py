@@ -20,7 +20,7 @@ from typing import Callable, Dict, Optional, Union
 
 from tqdm import tqdm
 
-from common.errors import SegCLIPError
+from common.errors import MissingFileError, SegCLIPError
 
 SEGCLIP_URL = "https://github.com/ArrowLuo/SegCLIP/releases/download/checkpoint_v0/segclip.bin"
 SEGCLIP_FILENAME = "segclip.bin"
@@ -171,7 +171,7 @@ def resolve_segclip_checkpoint(path: Optional[PathLike] = None, cache_dir: Optio
     if path is not None:
         path = Path(path).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"checkpoint not found: {path} (leave the checkpoint option out to use the "
+            raise MissingFileError(f"checkpoint not found: {path} (leave the checkpoint option out to use the "
                                     f"released one, downloaded into {default_cache_dir(cache_dir)} when missing)")
         return path
     dest = default_cache_dir(cache_dir) / SEGCLIP_FILENAME
@@ -199,5 +199,5 @@ def resolve_clip_weights(name_or_path: PathLike, cache_dir: Optional[PathLike] =
     path = Path(name).expanduser()
     if path.is_file():
         return path
-    raise FileNotFoundError(f"CLIP weights not found: {name!r} is neither a file nor one of the known models "
+    raise MissingFileError(f"CLIP weights not found: {name!r} is neither a file nor one of the known models "
                             f"{sorted(CLIP_URLS)}")

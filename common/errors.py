@@ -8,3 +8,11 @@ bug and keeps its traceback.
 
 class SegCLIPError(Exception):
     """Base of every error whose message tells the user what is wrong and how to fix it."""
+
+
+class UsageError(SegCLIPError, ValueError):
+    """A flag, a flag value, a settings file or an input path given on the command line is wrong."""
+
+
+class MissingFileError(SegCLIPError, FileNotFoundError):
+    """A file the user named (or that a cache should hold) does not exist; the message says where it was looked for."""

@@ -43,6 +43,12 @@ def _clean(text: str) -> str:
     return re.sub(r"\s+", " ", text.strip()).strip()
 
 
+def normalize_text(text: str) -> str:
+    """The text the tokenizer actually encodes: cleaned, whitespace folded, lower-cased (two names with the same
+    normalized text get the same embedding)."""
+    return _clean(text).lower()
+
+
 class SimpleTokenizer:
     def __init__(self, bpe_path: Union[str, Path] = VOCAB_PATH):
         self.byte_encoder = bytes_to_unicode()
@@ -100,7 +106,7 @@ class SimpleTokenizer:
     def encode(self, text: str) -> List[int]:
         """Text -> BPE ids, without the start/end tokens."""
         ids = []
-        for token in self.pattern.findall(_clean(text).lower()):
+        for token in self.pattern.findall(normalize_text(text)):
             token = "".join(self.byte_encoder[b] for b in token.encode("utf-8"))
             ids.extend(self.encoder[t] for t in self.bpe(token).split(" "))
         return ids

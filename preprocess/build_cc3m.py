@@ -6,22 +6,30 @@ Reads ``NNNNN.tar`` members ``key.jpg`` + ``key.json`` (``caption``) or ``key.tx
 number of shards. Corrupt images and samples without caption are skipped and counted. Rerunning resumes: finished
 shards are skipped whole, a half-written shard continues where it stopped.
 """
-import argparse
+import logging
 import sys
 
-from preprocess import _cli
+from common import cli
+from dataloaders.build_stores import build_cc3m_store
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = cli.make_parser(__doc__)
     p.add_argument("--shards", required=True, nargs="+",
                    help="shard folder (every *.tar), glob, or brace range like 'cc3m/{00000..00331}.tar'")
     p.add_argument("--output_dir", required=True, help="store folder to create or resume")
-    _cli.add_common_args(p, "images")
-    a = p.parse_args(argv)
-    from dataloaders.build_stores import build_cc3m_store
-    return _cli.run(build_cc3m_store, shards=a.shards, output_dir=a.output_dir, workers=a.workers,
-                    max_samples=a.max_samples, progress=not a.no_progress)
+    cli.add_batch_job_args(p, "images")
+    return p
+
+
+@cli.run_main
+def main(argv=None) -> int:
+    a = cli.parse(build_parser(), argv)
+    cli.check_writable_dir(a.output_dir, "--output_dir")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    cli.print_summary(build_cc3m_store(shards=a.shards, output_dir=a.output_dir, workers=a.workers,
+                                       max_samples=a.max_samples, progress=not a.no_progress))
+    return 0
 
 
 if __name__ == "__main__":

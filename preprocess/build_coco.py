@@ -6,26 +6,36 @@
 Rerunning resumes (images already in the store are skipped). Images are stored as RGB JPEG (quality 95) with the
 short side resized to 224; each image keeps all its captions (one training sample per caption).
 """
-import argparse
+import logging
 import sys
 
-from preprocess import _cli
+from common import cli
+from dataloaders.build_stores import build_coco_store
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = cli.make_parser(__doc__)
     p.add_argument("--karpathy_json", required=True, help="Karpathy dataset_coco.json")
     p.add_argument("--image_root", required=True,
                    help="COCO root holding train2014/ (and val2014/ for restval), or the train2014 folder itself")
     p.add_argument("--output_dir", required=True, help="store folder to create or resume")
     p.add_argument("--splits", default="train",
                    help="Karpathy splits to store, comma-separated. Default: train (82,783 images, as in 2022)")
-    _cli.add_common_args(p, "images")
-    a = p.parse_args(argv)
-    from dataloaders.build_stores import build_coco_store
-    return _cli.run(build_coco_store, karpathy_json=a.karpathy_json, image_root=a.image_root,
-                    output_dir=a.output_dir, splits=tuple(s for s in a.splits.split(",") if s), workers=a.workers,
-                    max_samples=a.max_samples, progress=not a.no_progress)
+    cli.add_batch_job_args(p, "images")
+    return p
+
+
+@cli.run_main
+def main(argv=None) -> int:
+    a = cli.parse(build_parser(), argv)
+    cli.check_input_file(a.karpathy_json, "--karpathy_json")
+    cli.check_input_dir(a.image_root, "--image_root")
+    cli.check_writable_dir(a.output_dir, "--output_dir")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    cli.print_summary(build_coco_store(karpathy_json=a.karpathy_json, image_root=a.image_root,
+                                       output_dir=a.output_dir, splits=tuple(s for s in a.splits.split(",") if s),
+                                       workers=a.workers, max_samples=a.max_samples, progress=not a.no_progress))
+    return 0
 
 
 if __name__ == "__main__":

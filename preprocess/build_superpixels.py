@@ -5,21 +5,30 @@
 Writes STORE/superpixels_scale224_sigma9.0_min_size224.lmdb (key -> zlib-compressed .npy label map), where the
 loaders look for it with --use_seglabel. Rerunning resumes.
 """
-import argparse
+import logging
 import sys
 
-from preprocess import _cli
+from common import cli
+from dataloaders.build_stores import build_superpixel_store
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = cli.make_parser(__doc__)
     p.add_argument("--store", required=True, help="store folder written by build_coco.py / build_cc3m.py")
     p.add_argument("--output", default=None, help="superpixel LMDB folder (default: inside the store)")
-    _cli.add_common_args(p, "maps")
-    a = p.parse_args(argv)
-    from dataloaders.build_stores import build_superpixel_store
-    return _cli.run(build_superpixel_store, store_dir=a.store, output=a.output, workers=a.workers,
-                    max_samples=a.max_samples, progress=not a.no_progress)
+    cli.add_batch_job_args(p, "maps")
+    return p
+
+
+@cli.run_main
+def main(argv=None) -> int:
+    a = cli.parse(build_parser(), argv)
+    cli.check_input_dir(a.store, "--store")
+    cli.check_writable_dir(a.output, "--output")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    cli.print_summary(build_superpixel_store(store_dir=a.store, output=a.output, workers=a.workers,
+                                             max_samples=a.max_samples, progress=not a.no_progress))
+    return 0
 
 
 if __name__ == "__main__":

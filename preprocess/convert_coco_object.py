@@ -8,7 +8,6 @@ unlabelled). Output next to them (or under --out_dir): ``<id>_instanceTrainIds.p
 class and unlabelled pixels), 1..80 = the 80 things in COCO's order. Existing outputs are kept (idempotent) unless
 --overwrite. Unreadable label files are skipped, listed and counted (exit status 1).
 """
-import argparse
 import os
 import os.path as osp
 import sys
@@ -17,6 +16,9 @@ from multiprocessing import Pool
 
 import numpy as np
 from PIL import Image
+
+from common import cli
+from common.errors import MissingFileError
 
 OUT_SUFFIX = '_instanceTrainIds.png'
 # 0-based COCO category ids with no category (COCO skips 12, 26, 29, 30, 45, 66, 68, 69, 71, 83)
@@ -56,7 +58,7 @@ def convert_file(src: str, dst: str, overwrite: bool = False):
 def list_jobs(coco_path: str, out_dir: str, split: str):
     src_dir = osp.join(coco_path, 'annotations', f'{split}2017')
     if not osp.isdir(src_dir):
-        raise FileNotFoundError(f'{src_dir} not found: expected COCO-Stuff-164k labels in '
+        raise MissingFileError(f'{src_dir} not found: expected COCO-Stuff-164k labels in '
                                 f'<coco_path>/annotations/{split}2017/*.png')
     dst_dir = osp.join(out_dir, 'annotations', f'{split}2017')
     os.makedirs(dst_dir, exist_ok=True)
@@ -109,22 +111,23 @@ def _tally(counts, failures, src, status):
         failures.append((src, status))
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description='Convert COCO-Stuff-164k labels to COCO-Object *_instanceTrainIds.png',
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser():
+    p = cli.make_parser('Convert COCO-Stuff-164k labels to COCO-Object *_instanceTrainIds.png')
     p.add_argument('coco_path', help='COCO-Stuff-164k root (holds images/ and annotations/<split>2017/*.png)')
     p.add_argument('-o', '--out_dir', default=None, help='output root (default: coco_path, next to the inputs)')
     p.add_argument('--splits', nargs='+', default=['val'], choices=['val', 'train'], help='splits to convert')
     p.add_argument('--nproc', type=int, default=os.cpu_count() or 1, help='worker processes')
     p.add_argument('--overwrite', action='store_true', help='rewrite outputs that already exist')
     p.add_argument('--no_progress', action='store_true', help='no progress bar')
-    args = p.parse_args(argv)
-    try:
-        counts, failures = convert(args.coco_path, args.out_dir, args.splits, args.nproc, args.overwrite,
-                                   progress=not args.no_progress)
-    except FileNotFoundError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+    return p
+
+
+@cli.run_main
+def main(argv=None) -> int:
+    args = cli.parse(build_parser(), argv)
+    cli.check_writable_dir(args.out_dir, '--out_dir')
+    counts, failures = convert(args.coco_path, args.out_dir, args.splits, args.nproc, args.overwrite,
+                               progress=not args.no_progress)
     print(f"converted {counts['done']}, already present {counts['kept']}, failed {counts['failed']}")
     for src, why in failures[:20]:
         print(f'  skipped {src}: {why}', file=sys.stderr)

@@ -16,11 +16,11 @@ labelled as classes of their own (no background threshold).
 
     python -m preprocess.synthetic --output_dir data/synthetic --num_train 2000 --num_val 40
 """
-import argparse
 import io
 import json
 import math
 import os
+import sys
 import tarfile
 from dataclasses import dataclass
 
@@ -29,6 +29,8 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from common import cli
+from common.errors import UsageError
 from seg_segmentation.visualize import voc_palette
 
 # (name, shape, base RGB, colour word). Hues are spread round the colour wheel and fully saturated so no
@@ -264,9 +266,8 @@ def random_clip_state_dict(embed_dim: int = 64, image_resolution: int = 64, visi
     return sd
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser():
+    p = cli.make_parser(__doc__.split("\n\n")[0])
     p.add_argument("--output_dir", required=True,
                    help="writes train/NNNNN.tar, val/ (VOC layout + classes.txt) and, with --clip, the CLIP file")
     p.add_argument("--num_train", type=int, default=2000, help="image-caption pairs in the train shards")
@@ -281,13 +282,19 @@ def get_args(argv=None):
     p.add_argument("--clip_vision_layers", type=int, default=4, help="random CLIP: visual blocks")
     p.add_argument("--clip_text_layers", type=int, default=2, help="random CLIP: text blocks")
     p.add_argument("--clip_resolution", type=int, default=64, help="random CLIP: input resolution (patch 16)")
-    return p.parse_args(argv)
+    return p
 
 
+def get_args(argv=None):
+    return cli.parse(build_parser(), argv)
+
+
+@cli.run_main
 def main(argv=None):
     args = get_args(argv)
     if args.num_train < 1 or args.num_val < 1 or args.size < 32:
-        raise SystemExit("error: --num_train and --num_val must be >= 1 and --size >= 32")
+        raise UsageError("--num_train and --num_val must be >= 1 and --size >= 32")
+    cli.check_writable_dir(args.output_dir, "--output_dir")
     train = write_train_shards(os.path.join(args.output_dir, "train"), args.num_train, args.size, args.seed,
                                args.shard_size)
     val = write_voc_split(os.path.join(args.output_dir, "val"), args.num_val, args.size, args.seed + 1)
@@ -303,4 +310,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

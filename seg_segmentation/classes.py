@@ -2,8 +2,14 @@
 
 Index i of ``DATASET_CLASSES[name]`` is label value i in the ground truth the evaluation compares against (after
 mmseg's ``reduce_zero_label`` where the dataset uses it). A list that starts with ``'background'`` means the
-background channel comes from the threshold ``BG_THRESH[name]`` and is never encoded as text.
+background channel comes from the threshold ``BG_THRESH[name]`` and is never encoded as text. Class names given
+by users (``--classes``, ``--classes_file``) are read and checked here, the same way in every script.
 """
+from pathlib import Path
+from typing import List
+
+from common.errors import UsageError
+from modules.tokenization_clip import normalize_text
 
 VOC_CLASSES = [
     'background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair', 'cow', 'table',
@@ -106,19 +112,44 @@ def foreground_names(class_names):
     return names[1:] if names and names[0] == 'background' else names
 
 
-def validate_class_names(names, source: str = 'class names'):
-    """Raise a ValueError naming the problem for empty, blank or duplicate names."""
-    names = [str(n) for n in names]
+def validate_class_names(names, source: str = 'class names') -> List[str]:
+    """Names stripped of surrounding blanks; UsageError naming the problem for no names, an empty name, or two
+    names the text encoder cannot tell apart (CLIP's tokenizer folds whitespace and lower-cases: 'cat, Cat')."""
+    names = [str(n).strip() for n in names]
     if not names:
-        raise ValueError(f'{source}: no class names')
+        raise UsageError(f'{source}: no class names')
     seen = {}
     for i, n in enumerate(names):
-        if not n.strip():
-            raise ValueError(f'{source}: class {i} has an empty name')
-        if n.strip() in seen:
-            raise ValueError(f'{source}: duplicate class name {n.strip()!r} (classes {seen[n.strip()]} and {i})')
-        seen[n.strip()] = i
-    return [n.strip() for n in names]
+        if not n:
+            raise UsageError(f'{source}: class {i} has an empty name')
+        key = normalize_text(n)
+        if key in seen:
+            j = seen[key]
+            same = f'{names[j]!r} and {n!r} are the same text to the tokenizer, which lower-cases'
+            raise UsageError(f'{source}: duplicate class name {n!r} (classes {j} and {i}'
+                             + ('' if names[j] == n else f'; {same}') + ')')
+        seen[key] = i
+    return names
+
+
+def parse_class_list(text: str, source: str = '--classes') -> List[str]:
+    """'cat, dog, sky' (commas and/or newlines) -> ['cat', 'dog', 'sky']; one trailing comma is tolerated."""
+    items = text.replace('\n', ',').split(',')
+    if len(items) > 1 and not items[-1].strip():
+        items = items[:-1]
+    return validate_class_names(items, source)
+
+
+def read_class_file(path, source: str = '--classes_file') -> List[str]:
+    """One class name per line, in label order; blank lines and lines starting with '#' are skipped (label i is
+    the i-th name)."""
+    try:
+        lines = Path(path).read_text(encoding='utf-8').splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        why = 'file not found' if isinstance(e, FileNotFoundError) else str(e)
+        raise UsageError(f'{source} {path}: cannot read ({why})') from None
+    names = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith('#')]
+    return validate_class_names(names, f'{source} {path}')
 
 
 for _name, _classes in DATASET_CLASSES.items():

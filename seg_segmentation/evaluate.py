@@ -68,13 +68,13 @@ def _all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _amp_dtype(amp) -> Optional[torch.dtype]:
-    if amp in (None, False, 'none', 'fp32', 'float32'):
+    if amp in (None, False, 'off', 'none', 'fp32', 'float32'):
         return None
     table = {'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16, 'fp16': torch.float16, 'float16': torch.float16}
     if isinstance(amp, torch.dtype):
         return amp
     if amp not in table:
-        raise ValueError(f'unknown amp setting {amp!r}; use none, bf16 or fp16')
+        raise ValueError(f'unknown amp setting {amp!r}; use off, bf16 or fp16')
     return table[amp]
 
 

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from common.errors import SegCLIPError
+from common.errors import MissingFileError, SegCLIPError, UsageError
 
 if TYPE_CHECKING:  # torch is imported where it is used, so `main_seg_vis.py --help` answers at once
     import torch
@@ -260,14 +260,14 @@ def collect_inputs(spec: str) -> List[Path]:
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
-            raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in folder {path}")
+            raise MissingFileError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in folder {path}")
         return files
     if glob.has_magic(spec):
         files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
         if not files:
-            raise FileNotFoundError(f"no files match {spec!r}")
+            raise MissingFileError(f"no files match {spec!r}")
         return files
-    raise FileNotFoundError(f"input not found: {spec} (give an image file, a folder or a glob pattern)")
+    raise MissingFileError(f"input not found: {spec} (give an image file, a folder or a glob pattern)")
 
 
 def read_image_bgr(path: Path) -> np.ndarray:
@@ -416,7 +416,7 @@ class SegmentationDemo:
         from seg_segmentation.inference import ZeroShotSegmentor
         patch = model.patch_size
         if crop % patch:
-            raise ValueError(f"crop size {crop} must be a multiple of the patch size {patch}")
+            raise UsageError(f"crop size {crop} must be a multiple of the patch size {patch}")
         self.model = model
         self.segmentor = ZeroShotSegmentor(model, class_names=class_names, templates=templates, with_bg=with_bg,
                                            bg_thresh=bg_thresh)

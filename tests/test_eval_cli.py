@@ -190,8 +190,9 @@ def test_parent_folder_is_accepted(voc_root, tiny_checkpoint, tmp_path, capsys):
     assert '(1 images' in out
 
 
-@pytest.mark.parametrize('content, msg', [('cat\n\ndog\n', 'has an empty name'),
-                                          ('cat\ndog\ncat\n', "duplicate class name 'cat'")])
+@pytest.mark.parametrize('content, msg', [('cat\n  \t\n# comment\ndog\ncat\n', "duplicate class name 'cat'"),
+                                          ('cat\ndog\nCat\n', "duplicate class name 'Cat'"),
+                                          ('# only a comment\n\n', 'no class names')])
 def test_bad_class_name_file(content, msg, voc_root, tiny_checkpoint, tmp_path, capsys):
     f = tmp_path / 'names.txt'
     f.write_text(content)
@@ -243,7 +244,11 @@ def test_custom_voc_layout_with_its_own_class_count(voc_root, tiny_checkpoint, t
     rc, _, err = _main(['--dataset', 'voc', '--data_root', voc_root, '--init_model', tiny_checkpoint,
                         '--class_names', wrong, '--num_workers', '0', '--no_progress'] + SMALL, capsys)
     assert rc == 2 and 'label 2 but only 2 class names' in err and 'Traceback' not in err
-    rc, _, err = _main(['--dataset', 'context', '--data_root', voc_root, '--init_model', tiny_checkpoint,
+    context_root = tmp_path / 'VOC2010'            # the data root is checked first: give context a valid layout
+    for d in ('JPEGImages', 'SegmentationClassContext', 'ImageSets/SegmentationContext'):
+        (context_root / d).mkdir(parents=True)
+    (context_root / 'ImageSets/SegmentationContext/val.txt').write_text('')
+    rc, _, err = _main(['--dataset', 'context', '--data_root', context_root, '--init_model', tiny_checkpoint,
                         '--class_names', f], capsys)   # benchmarks with remapped ids keep the exact count
     assert rc == 2 and 'context has 60 label values, but 3 class names' in err
 
