@@ -298,26 +298,6 @@ def read_image_bgr(path: Path) -> np.ndarray:
     return image
 
 
-def parse_class_list(text: str) -> List[str]:
-    """'cat, dog, sky' (commas and/or newlines) -> ['cat', 'dog', 'sky']; blank entries are errors."""
-    from seg_segmentation.classes import validate_class_names
-    items = [s for s in text.replace("\n", ",").split(",")]
-    if len(items) > 1 and not items[-1].strip():
-        items = items[:-1]  # tolerate one trailing comma
-    return validate_class_names(items, "--classes")
-
-
-def read_class_file(path: Path) -> List[str]:
-    """One class name per line; blank lines and '#' comments are ignored."""
-    from seg_segmentation.classes import validate_class_names
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"--classes_file {path}: cannot read ({e})") from None
-    names = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
-    return validate_class_names(names, f"--classes_file {path}")
-
-
 def unique_names(paths: Sequence[Path]) -> List[str]:
     """Output names from file stems, made unique with _2, _3 ... (folders and globs may repeat a stem)."""
     used, out = set(), []

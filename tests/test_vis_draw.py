@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from seg_segmentation import classes
 from seg_segmentation import visualize as vis
 
 
@@ -63,22 +64,22 @@ def test_read_image_formats(tmp_path):
 
 
 def test_class_lists(tmp_path):
-    assert vis.parse_class_list(" cat, dog ,sky,") == ["cat", "dog", "sky"]
-    assert vis.parse_class_list("traffic light\nstop sign") == ["traffic light", "stop sign"]
+    assert classes.parse_class_list(" cat, dog ,sky,") == ["cat", "dog", "sky"]
+    assert classes.parse_class_list("traffic light\nstop sign") == ["traffic light", "stop sign"]
     for bad, msg in [("", "empty"), ("cat,,dog", "empty"), ("cat, dog, cat", "duplicate"), (" , ", "empty")]:
         with pytest.raises(ValueError, match=msg):
-            vis.parse_class_list(bad)
+            classes.parse_class_list(bad)
     f = tmp_path / "c.txt"
     f.write_text("# my classes\ncat\n\n  dog \n")
-    assert vis.read_class_file(f) == ["cat", "dog"]
+    assert classes.read_class_file(f) == ["cat", "dog"]
     f.write_text("cat\ncat\n")
     with pytest.raises(ValueError, match="duplicate"):
-        vis.read_class_file(f)
+        classes.read_class_file(f)
     f.write_text("\n# nothing\n")
     with pytest.raises(ValueError, match="no class names"):
-        vis.read_class_file(f)
+        classes.read_class_file(f)
     with pytest.raises(ValueError, match="cannot read"):
-        vis.read_class_file(tmp_path / "missing.txt")
+        classes.read_class_file(tmp_path / "missing.txt")
 
 
 def test_collect_inputs_and_names(tmp_path):
