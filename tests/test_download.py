@@ -1,4 +1,4 @@
-"""modules/download.py against a real HTTP server on 127.0.0.1 started by the test."""
+"""common/download.py against a real HTTP server on 127.0.0.1 started by the test."""
 import hashlib
 import http.server
 import os
