@@ -13,7 +13,7 @@ from common import cli
 from common.errors import UsageError
 from seg_segmentation.classes import DATASET_CLASSES
 from seg_segmentation.templates import TEMPLATES
-from seg_segmentation.visualize import VIS_MODES
+from seg_segmentation.drawing import VIS_MODES
 
 LEGACY_FLAGS = {"--resume": {}, "--pretrained_clip_name": {}, "--max_words": {"type": int},
                 "--max_frames": {"type": int}, "--seed": {"type": int}}
@@ -39,6 +39,7 @@ def build_parser():
         first_stage_layer=None, first_stage_help="accepted for compatibility with the 2022 script; the value is "
                                                  "read from the checkpoint and this only checks that it matches")
     cli.add_window_args(p, max_long=False)
+    cli.add_inference_args(p)
     cli.add_runtime_args(p, distributed=False)
     cli.add_legacy_flags(p, LEGACY_FLAGS, "the checkpoint and the flags above carry every setting")
     return p
@@ -53,6 +54,7 @@ def get_args(argv=None):
         raise UsageError("give --classes or --classes_file, not both")
     cli.check_bg_thresh(args)
     cli.check_window(args)
+    cli.check_max_image_pixels(args)
     return args
 
 
@@ -80,7 +82,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from modules.checkpoint import load_segclip, segclip_checkpoint_keys
     from common.download import resolve_segclip_checkpoint
-    from seg_segmentation.visualize import SegmentationDemo, collect_inputs, run_visualization
+    from seg_segmentation.inputs import collect_inputs
+    from seg_segmentation.visualize import SegmentationDemo, run_visualization
 
     # every input is checked before the model is loaded
     names, with_bg, bg_thresh = vocabulary(args)
@@ -89,7 +92,7 @@ def main(argv=None) -> int:
     cli.check_writable_dir(args.output_dir, "--output_dir")
     ckpt = resolve_segclip_checkpoint(args.init_model, cache_dir=args.cache_dir, progress=not args.no_progress,
                                       expected_keys=segclip_checkpoint_keys)
-    model = load_segclip(ckpt, device=device, use_vision_mae_recon=False)
+    model = load_segclip(ckpt, device=device, use_vision_mae_recon=False, precision=args.precision)
     if args.first_stage_layer is not None and args.first_stage_layer != model.config.first_stage_layer:
         raise UsageError(f"--first_stage_layer {args.first_stage_layer} does not match the checkpoint "
                          f"({model.config.first_stage_layer}); leave the flag out")
@@ -101,7 +104,8 @@ def main(argv=None) -> int:
                                                  if len(demo.label_names) > 12 else "")
     print(f"{len(inputs)} image(s); vocabulary: {vocab}; modes: {', '.join(args.vis)}; device: {device}", flush=True)
     try:
-        report = run_visualization(demo, inputs, Path(args.output_dir), args.vis, progress=not args.no_progress)
+        report = run_visualization(demo, inputs, Path(args.output_dir), args.vis, progress=not args.no_progress,
+                                   max_image_pixels=args.max_image_pixels)
     except OSError as e:  # output folder not writable, disk full
         print(f"error: cannot write results: {e}", file=sys.stderr)
         return 1

@@ -5,19 +5,17 @@
 
 Prints a per-class IoU table and writes a JSON with --output. Results do not depend on the number of processes.
 """
-import json
 import logging
-import os
 import os.path as osp
 import sys
 
 import torch
 
 from common import cli
-from common.errors import UsageError
+from common.errors import SegCLIPError, UsageError
 from engine.distributed import cleanup, init_distributed
 from seg_segmentation.classes import BG_THRESH, DATASET_CLASSES, parse_class_list, read_class_file
-from seg_segmentation.datasets import LAYOUTS, DatasetError, resolve_data_root
+from seg_segmentation.datasets import CUSTOM_DATASET, LAYOUTS, resolve_data_root
 from seg_segmentation.templates import TEMPLATES
 
 LEGACY_FLAGS = {'--max_words': {'type': int}}
@@ -30,12 +28,13 @@ def build_parser():
                         ', '.join(f'{k}: {v.default_root}' for k, v in LAYOUTS.items() if k in ('voc', 'context', 'coco'))
                         + ', ...); a parent such as data/VOCdevkit also works')
     cli.add_vocabulary_args(
-        p, datasets=sorted(DATASET_CLASSES), templates=TEMPLATES, dataset_default='coco',
+        p, datasets=sorted(DATASET_CLASSES) + [CUSTOM_DATASET], templates=TEMPLATES, dataset_default='coco',
         dataset_help="benchmark: voc/context/coco (COCO-Object) are SegCLIP's; voc20, context59, coco_stuff, "
-                     "cityscapes, ade20k have no background class",
+                     "cityscapes, ade20k have no background class; custom = your own split in the VOC layout "
+                     "with your own class names (label i = name i)",
         names_help='class names in label order, replacing the dataset\'s (start with "background" for '
-                   'background-by-threshold). Same count as the dataset\'s labels, except --dataset voc: any count, '
-                   'to evaluate your own VOC-layout split (label i = name i)',
+                   'background-by-threshold). Same count as the dataset\'s labels; required by --dataset custom '
+                   '(any count)',
         bg_thresh_help='background threshold (default: ' + ', '.join(f'{k} {v}' for k, v in BG_THRESH.items()) +
                        '; unused by datasets without background)')
     cli.add_checkpoint_args(
@@ -45,6 +44,7 @@ def build_parser():
         clip_help='CLIP weights (name or file), used only with --init_model none',
         first_stage_help='visual blocks before the center block; only with --init_model none (checkpoints carry it)')
     cli.add_window_args(p)
+    cli.add_inference_args(p)
     g = p.add_argument_group('evaluation run')
     g.add_argument('--batch_size', type=int, default=16, help='windows per visual forward pass (all images pooled)')
     g.add_argument('--num_workers', type=int, default=2, help='DataLoader processes per rank (decode + resize)')
@@ -68,6 +68,7 @@ def parse_args(argv=None):
     cli.check_bg_thresh(args)
     cli.check_window(args)
     cli.check_positive(args, 'batch_size', 'max_images')
+    cli.check_max_image_pixels(args)
     if args.num_workers < 0:
         raise UsageError(f'--num_workers must be >= 0, got {args.num_workers}')
     return args
@@ -97,16 +98,21 @@ def load_model(args, device):
         torch.manual_seed(args.seed)          # the fresh centers
         model = SegCLIP.from_clip(load_clip_state_dict(args.pretrained_clip_name, cache_dir=args.cache_dir),
                                   first_stage_layer=args.first_stage_layer, use_vision_mae_recon=False)
-        return model.to(device).eval()
+        from modules.precision import set_precision
+        return set_precision(model.to(device), args.precision).eval()
     from common.download import resolve_segclip_checkpoint
     path = resolve_segclip_checkpoint(args.init_model, cache_dir=args.cache_dir, expected_keys=segclip_checkpoint_keys)
-    return load_segclip(path, device=device, use_vision_mae_recon=False)
+    return load_segclip(path, device=device, use_vision_mae_recon=False, precision=args.precision)
 
 
 def make_prediction_writer(folder: str, dataset: str):
-    """on_prediction callback: each label map -> <folder>/<image name>.png (palette PNG, VOC colours)."""
+    """on_prediction callback: each label map -> <folder>/<image name>.png (palette PNG, VOC colours), written
+    atomically; temporaries a killed earlier run left in ``folder`` are removed first."""
     from pathlib import Path
-    from seg_segmentation.visualize import save_label_png, voc_palette
+    from common.fileio import remove_stale_temporaries
+    from seg_segmentation.drawing import voc_palette
+    from seg_segmentation.outputs import save_label_png
+    remove_stale_temporaries(folder)
     palette = voc_palette()
     suffix = LAYOUTS[dataset].img_suffix
 
@@ -115,6 +121,15 @@ def make_prediction_writer(folder: str, dataset: str):
         name = name[:-len(suffix)] if name.endswith(suffix) else osp.splitext(name)[0]
         save_label_png(Path(folder) / (name + '.png'), pred.numpy(), palette)
     return write
+
+
+def eval_config(args, class_names, device):
+    from seg_segmentation.evaluate import EvalConfig
+    return EvalConfig(dataset=args.dataset, data_root=args.data_root, class_names=class_names,
+                      templates=args.templates, bg_thresh=args.bg_thresh, resolution=args.resolution,
+                      max_long=args.max_long, crop=args.crop_size, stride=args.stride, batch_size=args.batch_size,
+                      num_workers=args.num_workers, amp=args.amp, device=device, max_images=args.max_images,
+                      max_image_pixels=args.max_image_pixels, progress=not args.no_progress)
 
 
 @cli.run_main
@@ -126,31 +141,24 @@ def main(argv=None) -> int:
     cli.note_ignored_flags(args)
 
     env = init_distributed(args.local_rank, args.device, args.dist_backend)
-    from modules.checkpoint import CheckpointError
-    from common.download import DownloadError
     from seg_segmentation.evaluate import format_table, run_zero_shot_eval
     try:
         model = load_model(args, env.device)
         writer = make_prediction_writer(args.save_pred, args.dataset) if args.save_pred else None
-        result = run_zero_shot_eval(
-            model, dataset=args.dataset, data_root=args.data_root, device=env.device, batch_size=args.batch_size,
-            num_workers=args.num_workers, templates=args.templates, class_names=class_names,
-            bg_thresh=args.bg_thresh, resolution=args.resolution, max_long=args.max_long, crop=args.crop_size,
-            stride=args.stride, amp=args.amp, max_images=args.max_images, progress=not args.no_progress,
-            on_prediction=writer)
-    except (DatasetError, CheckpointError, DownloadError, FileNotFoundError, ValueError) as e:
-        print(f'error: {e}', file=sys.stderr)
+        result = run_zero_shot_eval(model, eval_config(args, class_names, env.device), on_prediction=writer)
+        if env.is_main:
+            print(format_table(result), flush=True)
+            if args.output:
+                from common.fileio import remove_stale_temporaries
+                from seg_segmentation.outputs import write_json
+                remove_stale_temporaries(osp.dirname(osp.abspath(args.output)))
+                result['settings'].update(init_model=args.init_model, world_size=env.world_size, tag=args.tag)
+                write_json(args.output, result)
+                print(f'results written to {args.output}', flush=True)
+    except SegCLIPError as e:   # every rank says what stopped it (run_main would print rank 0's only)
+        print(cli.error_line(e), file=sys.stderr, flush=True)
         cleanup(env)
         return 2
-
-    if env.is_main:
-        print(format_table(result), flush=True)
-        if args.output:
-            result['settings'].update(init_model=args.init_model, world_size=env.world_size, tag=args.tag)
-            os.makedirs(osp.dirname(osp.abspath(args.output)), exist_ok=True)
-            with open(args.output, 'w') as f:
-                json.dump(result, f, indent=2)
-            print(f'results written to {args.output}', flush=True)
     cleanup(env)
     return 0
 

@@ -1,7 +1,7 @@
 """End-to-end zero-shot evaluation speed: our path vs the 2022 loop, on a generated VOC-like split.
 
     python benchmarks/bench_eval.py                       # CPU, 12 images 500x375, random full-size ViT-B/16
-    python benchmarks/bench_eval.py --device cuda --amp bf16 --images 200
+    python benchmarks/bench_eval.py --device cuda --precision bf16 --images 200 --json eval.json
 
 Both paths decode + resize (mmseg pipeline), run the model and accumulate mmseg's IoU areas. The reference loop does
 what the 2022 code did: batch 1, one window at a time, the visual tower run twice per window (once for the
@@ -9,6 +9,7 @@ assignment map, once for the embeddings). Ours: one pass per window, windows of 
 DataLoader workers. Prints seconds per image, images/s and the speed-up, and checks both give the same mIoU.
 """
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -86,6 +87,9 @@ def main():
     p.add_argument('--batch_size', type=int, default=16, help='our path: windows per forward pass')
     p.add_argument('--num_workers', type=int, default=2, help='our path: DataLoader workers')
     p.add_argument('--amp', default='none', choices=['none', 'bf16', 'fp16'], help='our path: autocast dtype')
+    p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16'],
+                   help='our path: model weights and activations (modules/precision.py); the reference stays fp32')
+    p.add_argument('--json', default=None, help='also write the figures to this JSON file')
     p.add_argument('--skip_reference', action='store_true', help='time our path only')
     p.add_argument('--repeat', type=int, default=2, help='alternating runs of both paths; the best time counts')
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch\'s choice)')
@@ -101,19 +105,24 @@ def main():
     else:
         torch.manual_seed(0)
         model = SegCLIP(SegCLIPConfig(use_vision_mae_recon=False)).to(device).eval()
+    import copy
+    from modules.precision import set_precision
+    ours_model = set_precision(copy.deepcopy(model), args.precision) if args.precision != 'fp32' else model
 
     with tempfile.TemporaryDirectory() as tmp:
         root = args.data_root or write_fake_dataset('voc', os.path.join(tmp, 'VOC2012'), num_images=args.images,
                                                     size=(500, 375))
         # warm-up (first-call allocations, lazy imports) on one image
-        run_zero_shot_eval(model, 'voc', root, device=device, num_workers=0, max_images=1, progress=False)
+        run_zero_shot_eval(ours_model, dataset='voc', data_root=root, device=device, num_workers=0, max_images=1,
+                           progress=False)
         text = build_text_embedding(model, DATASET_CLASSES['voc'][1:])
         print(f'device: {device} ({torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"}, '
               f'{torch.get_num_threads()} threads); images 500x375 -> 299x224 (2 windows each)', flush=True)
         best_ours = best_ref = None
         for rep in range(args.repeat):   # alternate the paths so that load from other processes hits both
-            ours = run_zero_shot_eval(model, 'voc', root, device=device, batch_size=args.batch_size,
-                                      num_workers=args.num_workers, amp=args.amp, progress=False)
+            ours = run_zero_shot_eval(ours_model, dataset='voc', data_root=root, device=device,
+                                      batch_size=args.batch_size, num_workers=args.num_workers, amp=args.amp,
+                                      progress=False)
             n = ours['images']
             t_ours = ours['seconds'] / n
             best_ours = t_ours if best_ours is None else min(best_ours, t_ours)
@@ -123,7 +132,7 @@ def main():
                 t_ref = sec_ref / n_ref
                 best_ref = t_ref if best_ref is None else min(best_ref, t_ref)
                 line += f', reference {t_ref:.3f} s/image (mIoU {miou_ref:.4f}), ratio {t_ref / t_ours:.2f}x'
-                if args.amp == 'none' and abs(miou_ref - ours['mIoU']) > 1e-6:
+                if args.amp == 'none' and args.precision == 'fp32' and abs(miou_ref - ours['mIoU']) > 1e-6:
                     line += '  WARNING: the mIoU differs between the paths'
             print(line, flush=True)
         print(f'ours      : {best_ours:.3f} s/image, {1 / best_ours:.2f} images/s (batch {args.batch_size}, '
@@ -132,6 +141,13 @@ def main():
             print(f'reference : {best_ref:.3f} s/image, {1 / best_ref:.2f} images/s (2022 loop: batch 1, '
                   f'2 visual passes per window, fp32)')
             print(f'speed-up  : {best_ref / best_ours:.2f}x')
+        if args.json:
+            from common.fileio import atomic_write_text
+            atomic_write_text(args.json, json.dumps(dict(
+                device=str(device), images=n, batch_size=args.batch_size, num_workers=args.num_workers, amp=args.amp,
+                precision=args.precision, ours_s_per_image=best_ours, ours_miou=ours['mIoU'],
+                reference_s_per_image=best_ref, speedup=None if best_ref is None else best_ref / best_ours),
+                indent=2) + '\n')
 
 if __name__ == '__main__':
     main()

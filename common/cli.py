@@ -138,6 +138,27 @@ def amp_setting(value: str) -> str:
     return v
 
 
+def add_inference_args(p: argparse.ArgumentParser):
+    """``--precision`` (modules/precision.py) and ``--max_image_pixels`` (common/images.py): the demo's and the
+    evaluation's."""
+    from common.images import DEFAULT_MAX_IMAGE_PIXELS
+    from modules.precision import PRECISIONS
+    g = p.add_argument_group("inference")
+    g.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="weights and matrix products in float32 (the published numbers) or bfloat16 (LayerNorm, "
+                        "softmax and the zero-shot head in float32; faster where the CPU or GPU has bf16 units; "
+                        "docs/evaluation.md gives its agreement with fp32)")
+    g.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                   help="refuse images with more pixels, read from the file header before anything is decoded "
+                        "(decompression bombs); 0 = no limit. Pillow's limit")
+    return g
+
+
+def check_max_image_pixels(args) -> None:
+    if args.max_image_pixels < 0:
+        raise UsageError(f"--max_image_pixels must be >= 0 (0 = no limit), got {args.max_image_pixels}")
+
+
 def add_runtime_args(p: argparse.ArgumentParser, *, amp_help: Optional[str] = None, distributed: bool = True,
                      device_help: Optional[str] = None):
     """``--device``, ``--amp`` (when ``amp_help``), ``--no_progress`` and the launchers' ``--local_rank`` /

@@ -109,7 +109,7 @@ def zero_shot_step(name: str, checkpoint: Path, val_root: Path, out: Path, args,
     # Every pixel of the synthetic split has a named class (the backgrounds are classes), so the class list has no
     # leading 'background' and main_seg_zeroshot.py runs without a background threshold.
     seconds = run_step(f"zeroshot_{name}", [
-        "main_seg_zeroshot.py", "--dataset", "voc", "--data_root", val_root, "--class_names", val_root / "classes.txt",
+        "main_seg_zeroshot.py", "--dataset", "custom", "--data_root", val_root, "--class_names", val_root / "classes.txt",
         "--init_model", checkpoint, "--resolution", args.train_size,
         "--crop_size", args.train_size, "--stride", args.train_size, "--device", "cpu",
         "--num_workers", 0, "--no_progress", "--output", result], logs)

@@ -37,7 +37,9 @@ def load_state_dict_file(path: PathLike) -> Dict[str, torch.Tensor]:
     if is_safetensors(path):
         return as_state_dict(read_safetensors(path), source=str(path))
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        # memory-mapped (zip files, i.e. every torch.save since 1.6): pages are read as the tensors are used, and
+        # a model built with take_ownership keeps them without a copy
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(
             f"{path} is not a weights-only PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
@@ -98,16 +100,19 @@ def load_clip(path_or_state_dict, cache_dir: Optional[str] = None, device: Union
 
 # ---------------------------------------------------------------------------------------------- SegCLIP
 def load_segclip(path: PathLike, device: Union[str, torch.device] = "cpu",
-                 use_vision_mae_recon: Optional[bool] = None):
-    """A SegCLIP checkpoint file -> SegCLIP in eval mode on ``device``."""
+                 use_vision_mae_recon: Optional[bool] = None, precision: str = "fp32"):
+    """A SegCLIP checkpoint file -> SegCLIP in eval mode on ``device`` at ``precision`` (modules/precision.py).
+
+    Built without random initialisation, on the file's (memory-mapped) tensors."""
+    from .precision import set_precision
     sd = load_state_dict_file(path)
     try:
-        model = SegCLIP.from_state_dict(sd, use_vision_mae_recon=use_vision_mae_recon)
+        model = SegCLIP.from_state_dict(sd, use_vision_mae_recon=use_vision_mae_recon, take_ownership=True)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from e
     logger.info("loaded SegCLIP from %s (%d tensors, %.1fM parameters, MAE decoder %s)", path, len(sd),
                 sum(p.numel() for p in model.parameters()) / 1e6, "on" if model.has_mae_decoder else "off")
-    return model.to(device).eval()
+    return set_precision(model.to(device), precision).eval()
 
 
 def segclip_checkpoint_keys(**config) -> set:

@@ -50,9 +50,12 @@ def check_shapes(own: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor]
             raise CheckpointError(f"{what} {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
 
 
-def load_into(model: nn.Module, sd: Mapping[str, torch.Tensor], strict: bool = True, what: str = "SegCLIP") -> None:
+def load_into(model: nn.Module, sd: Mapping[str, torch.Tensor], strict: bool = True, what: str = "SegCLIP",
+              assign: bool = False) -> None:
     """Copy ``sd`` into ``model``; raise CheckpointError listing missing / unexpected / mis-shaped keys.
 
+    ``assign``: the model's tensors become ``sd``'s (cast to the model's dtype where it differs) instead of copies
+    - for a model built on the meta device, which then owns them; every key must be present.
     ``vis_mae_decoder.*`` in the file is ignored when the model has no decoder (MAE branch off)."""
     own = model.state_dict()
     has_decoder = any(k.startswith("vis_mae_decoder.") for k in own)
@@ -75,7 +78,11 @@ def load_into(model: nn.Module, sd: Mapping[str, torch.Tensor], strict: bool = T
     if missing or unexpected:
         logger.warning("loading with %d missing and %d unexpected keys (missing: %s; unexpected: %s)",
                        len(missing), len(unexpected), missing[:5], unexpected[:5])
-    model.load_state_dict(sd, strict=False)
+    if assign:
+        if missing:
+            raise CheckpointError(f"cannot build the model from a state dict without {missing[:5]}")
+        sd = {k: v if v.dtype == own[k].dtype else v.to(own[k].dtype) for k, v in sd.items() if k in own}
+    model.load_state_dict(sd, strict=False, assign=assign)
 
 
 def clip_to_segclip_key(key: str, first_stage_layer: int) -> str:

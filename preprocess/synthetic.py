@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from common import cli
 from common.errors import UsageError
-from seg_segmentation.visualize import voc_palette
+from seg_segmentation.drawing import voc_palette
 
 # (name, shape, base RGB, colour word). Hues are spread round the colour wheel and fully saturated so no
 # (muted) background texture can be mistaken for an object.

@@ -3,7 +3,13 @@ keep-ratio resize transforms, and the SegCLIP test protocol (design.md §7.3, §
 
     ds = ZeroShotSegDataset('voc', 'data/VOCdevkit/VOC2012')       # checks the layout, lists every sample
     sample = ds[0]    # dict(img [3,h,w] float normalised, gt [H,W] int64 (255 = ignore), ori_shape, img_path)
+
+``custom`` is any split of your own in the VOC layout whose label i is class i of the class list you give
+(e.g. the quickstart's synthetic split); every other name is a benchmark with its fixed class list.
+Images pass the evaluation's transform (seg_segmentation/preprocessing.py, shared with the demo); image and label
+files are checked from their headers before decoding (pixel limit, single-channel labels).
 """
+import logging
 import os.path as osp
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -13,11 +19,15 @@ import torch
 
 from . import mmcv_compat  # noqa: F401  (before any mmseg import: mmcv-lite lacks the compiled ops)
 from .classes import COCO_OBJECT_CLASSES
+from .preprocessing import eval_image_tensor
 from common.errors import SegCLIPError
+from common.images import DEFAULT_MAX_IMAGE_PIXELS, ImageReadError, ImageTooLargeError, check_image_size
 
-# mmseg's CLIP-normalisation of BGR uint8 images (applied after BGR -> RGB), design.md §7.3
-PIXEL_MEAN = (122.7709383, 116.7460125, 104.09373615)
-PIXEL_STD = (68.5005327, 66.6321579, 70.32316305)
+logger = logging.getLogger(__name__)
+
+CUSTOM_DATASET = 'custom'
+# Pillow modes of a label map holding one class id per pixel; RGB(A) "colour labels" are refused by name
+LABEL_MODES = ('P', 'L', 'I', 'I;16', 'I;16L', 'I;16B', '1')
 
 
 @dataclass(frozen=True)
@@ -50,6 +60,8 @@ _COCO = dict(img_dir='images/val2017', ann_dir='annotations/val2017', default_ro
 
 LAYOUTS: Dict[str, DatasetLayout] = {
     'voc': DatasetLayout('PascalVOCDataset', **_VOC),
+    CUSTOM_DATASET: DatasetLayout('CustomSegDataset', img_dir='JPEGImages', ann_dir='SegmentationClass',
+                                  split='ImageSets/Segmentation/val.txt'),
     'voc20': DatasetLayout('PascalVOCDataset', reduce_zero_label=True, **_VOC),
     'context': DatasetLayout('PascalContextDataset', **_CONTEXT),
     'context59': DatasetLayout('PascalContextDataset59', reduce_zero_label=True, **_CONTEXT),
@@ -72,7 +84,19 @@ def _mmseg_dataset_class(name: str):
     import mmseg.datasets as mds
     if name == 'COCOObjectDataset':
         return _coco_object_class()
+    if name == 'CustomSegDataset':
+        return _custom_class()
     return getattr(mds, name)
+
+
+def _custom_class():
+    """mmseg's plain dataset; it insists on class names in test mode, which only our class list gives meaning to
+    (no label remapping happens: label i stays i)."""
+    from mmseg.datasets import BaseSegDataset
+
+    class CustomSegDataset(BaseSegDataset):
+        METAINFO = dict(classes=('label ids as given',))
+    return CustomSegDataset
 
 
 _COCO_OBJECT_CLS = None
@@ -102,6 +126,8 @@ def resolve_data_root(dataset: str, data_root: Optional[str]) -> str:
         raise DatasetError(f'unknown dataset {dataset!r}; choose one of {sorted(LAYOUTS)}')
     layout = LAYOUTS[dataset]
     root = data_root or layout.default_root
+    if not root:
+        raise DatasetError(f'{dataset}: give the data root. Expected layout:\n' + layout.describe('DATA_ROOT'))
     if not osp.isdir(root):
         raise DatasetError(f'{dataset}: data root {root!r} does not exist. Expected layout:\n'
                            + layout.describe(root))
@@ -116,16 +142,17 @@ def resolve_data_root(dataset: str, data_root: Optional[str]) -> str:
                        'Expected layout:\n' + layout.describe(root))
 
 
-def build_mmseg_dataset(dataset: str, data_root: Optional[str], resolution: int = 224, max_long: int = 2048):
-    """mmseg's dataset object for ``dataset`` with the SegCLIP test pipeline: load (BGR) -> keep-ratio resize to
-    scale (max_long, resolution) -> load annotations (reduce_zero_label from the dataset). Every label file must
-    exist (DatasetError lists the missing ones)."""
+def build_mmseg_dataset(dataset: str, data_root: Optional[str]):
+    """mmseg's dataset object for ``dataset``: its file list (split file, suffixes) and loading - image (BGR,
+    OpenCV) and annotations (reduce_zero_label from the dataset); the resize is ours (``eval_image_tensor``).
+    Every label file must exist (DatasetError lists the missing ones); a split file naming an image twice is
+    de-duplicated with a warning (each image is counted once)."""
     from mmcv.transforms import LoadImageFromFile
-    from mmseg.datasets.transforms import LoadAnnotations, Resize
+    from mmseg.datasets.transforms import LoadAnnotations
 
     layout = LAYOUTS.get(dataset)
     root = resolve_data_root(dataset, data_root)
-    pipeline = [LoadImageFromFile(), Resize(scale=(max_long, resolution), keep_ratio=True), LoadAnnotations()]
+    pipeline = [LoadImageFromFile(), LoadAnnotations()]
     cls = _mmseg_dataset_class(layout.mmseg_class)
     kwargs = dict(data_root=root, data_prefix=dict(img_path=layout.img_dir, seg_map_path=layout.ann_dir),
                   img_suffix=layout.img_suffix, seg_map_suffix=layout.seg_map_suffix, pipeline=pipeline,
@@ -139,8 +166,22 @@ def build_mmseg_dataset(dataset: str, data_root: Optional[str], resolution: int 
                            + layout.describe(root)) from None
     if len(ds) == 0:
         raise DatasetError(f'{dataset}: no images found under {root!r}. Expected layout:\n' + layout.describe(root))
+    _drop_duplicates(dataset, ds, layout)
     _check_pairs(dataset, ds)
     return ds
+
+
+def _drop_duplicates(dataset: str, ds, layout: DatasetLayout) -> None:
+    seen, unique = set(), []
+    for info in ds.data_list:
+        if info['img_path'] not in seen:
+            seen.add(info['img_path'])
+            unique.append(info)
+    if len(unique) < len(ds.data_list):
+        dup = len(ds.data_list) - len(unique)
+        logger.warning('%s: %s lists %d image(s) more than once; each is evaluated once (%d images)', dataset,
+                       layout.split or layout.img_dir, dup, len(unique))
+        ds.data_list = unique
 
 
 def _check_pairs(dataset: str, ds) -> None:
@@ -161,13 +202,12 @@ class ZeroShotSegDataset(torch.utils.data.Dataset):
     """One evaluation split: images resized and normalised for the model, labels at their original size."""
 
     def __init__(self, dataset: str, data_root: Optional[str] = None, resolution: int = 224, max_long: int = 2048,
-                 indices: Optional[Sequence[int]] = None):
+                 indices: Optional[Sequence[int]] = None, max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS):
         self.name = dataset
-        self.mmseg_dataset = build_mmseg_dataset(dataset, data_root, resolution, max_long)
+        self.mmseg_dataset = build_mmseg_dataset(dataset, data_root)
         self.data_root = self.mmseg_dataset.data_root
         self.indices = list(range(len(self.mmseg_dataset))) if indices is None else list(indices)
-        self._mean = np.array(PIXEL_MEAN, dtype=np.float64)
-        self._std = np.array(PIXEL_STD, dtype=np.float64)
+        self.resolution, self.max_long, self.max_image_pixels = resolution, max_long, max_image_pixels
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -182,10 +222,25 @@ class ZeroShotSegDataset(torch.utils.data.Dataset):
     def img_path(self, i: int) -> str:
         return self.mmseg_dataset.get_data_info(self.indices[i])['img_path']
 
+    def check_files(self, i: int) -> None:
+        """Headers only, before anything is decoded: the pixel limit for image and label map, and a label map
+        that holds one class id per pixel."""
+        info = self.mmseg_dataset.get_data_info(self.indices[i])
+        try:
+            check_image_size(info['img_path'], self.max_image_pixels)
+            _, mode = check_image_size(info['seg_map_path'], self.max_image_pixels)
+        except ImageTooLargeError as e:
+            raise DatasetError(str(e)) from None
+        except ImageReadError as e:
+            raise DatasetError(f'cannot read {e}') from None
+        if mode not in LABEL_MODES:
+            raise DatasetError(f"{info['seg_map_path']}: the label map is a {mode} image; labels must be single-"
+                               'channel PNGs (palette or grey) whose pixel values are the class ids, not colours')
+
     def __getitem__(self, i: int) -> dict:
-        import mmcv
         idx = self.indices[i]
         path = self.img_path(i)
+        self.check_files(i)
         try:
             results = self.mmseg_dataset[idx]
         except Exception as e:  # a corrupt / truncated / non-image file: name it instead of a deep traceback
@@ -193,9 +248,8 @@ class ZeroShotSegDataset(torch.utils.data.Dataset):
         gt = results['gt_seg_map']
         if tuple(gt.shape[:2]) != tuple(results['ori_shape']):
             raise DatasetError(f'{path}: label map {gt.shape[:2]} does not match the image {results["ori_shape"]}')
-        img = mmcv.imnormalize(results['img'], self._mean, self._std, to_rgb=True)   # [h, w, 3] float32 RGB
-        return dict(img=torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))),
-                    gt=torch.from_numpy(gt.astype(np.int64)), ori_shape=tuple(results['ori_shape']),
+        img = eval_image_tensor(results['img'], self.resolution, self.max_long)      # [3, h, w] float32 RGB
+        return dict(img=img, gt=torch.from_numpy(gt.astype(np.int64)), ori_shape=tuple(results['ori_shape']),
                     img_path=path, index=idx)
 
 

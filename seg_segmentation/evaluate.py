@@ -1,23 +1,29 @@
 """Zero-shot segmentation evaluation over a whole split, on one process or many (design.md §7).
 
-    from seg_segmentation.evaluate import run_zero_shot_eval
-    res = run_zero_shot_eval(model, dataset='voc', data_root='data/VOCdevkit/VOC2012')
+    from seg_segmentation.evaluate import EvalConfig, run_zero_shot_eval
+    res = run_zero_shot_eval(model, EvalConfig(dataset='voc', data_root='data/VOCdevkit/VOC2012'))
+    res = run_zero_shot_eval(model, dataset='voc', data_root=...)    # the same: settings by keyword
     res['mIoU'], res['aAcc'], res['per_class']     # percentages, mmseg's arithmetic
 
-Inside an initialised torch.distributed group every rank evaluates a disjoint, unpadded share of the images and the
-intersection / union areas are summed across ranks, so the numbers do not depend on the number of processes.
+Three steps: ``predict_shard`` (this rank's images -> summed intersection / union areas), ``reduce_across_ranks``
+(every rank first learns whether any rank failed, so none waits for a collective that will not come; then the
+areas are summed) and ``build_report`` (metrics + settings). Inside an initialised torch.distributed group every
+rank evaluates a disjoint, unpadded share of the images, so the numbers do not depend on the number of processes.
 """
+import dataclasses
 import time
 from collections import OrderedDict
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from common.errors import SegCLIPError, UsageError
+from common.images import DEFAULT_MAX_IMAGE_PIXELS
 from . import mmcv_compat  # noqa: F401
 from .classes import BG_THRESH, DATASET_CLASSES, validate_class_names
-from .datasets import LAYOUTS, DatasetError, ZeroShotSegDataset, collate_list
+from .datasets import CUSTOM_DATASET, LAYOUTS, DatasetError, ZeroShotSegDataset, collate_list
 from .inference import ZeroShotSegmentor, slide_windows, unwrap_model
 
 IGNORE_INDEX = 255
@@ -52,6 +58,10 @@ def areas_to_metrics(areas: torch.Tensor, class_names: Sequence[str]) -> Dict:
     )
 
 
+class EvalError(SegCLIPError, RuntimeError):
+    """The evaluation could not finish on some rank (the message says why and what to change)."""
+
+
 def _dist_info():
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -68,7 +78,7 @@ def _all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _amp_dtype(amp) -> Optional[torch.dtype]:
-    if amp in (None, False, 'off', 'none', 'fp32', 'float32'):
+    if amp in (None, False, 'none', 'off', 'fp32', 'float32'):
         return None
     table = {'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16, 'fp16': torch.float16, 'float16': torch.float16}
     if isinstance(amp, torch.dtype):
@@ -78,138 +88,198 @@ def _amp_dtype(amp) -> Optional[torch.dtype]:
     return table[amp]
 
 
-# Layouts whose label id i is simply class i (no reduce_zero_label, no id remapping): a custom dataset in such a
-# layout may come with its own class list of any length (e.g. the quickstart's synthetic VOC-layout split).
-ANY_CLASS_COUNT = frozenset({'voc'})
+@dataclasses.dataclass
+class EvalConfig:
+    """Every setting of one evaluation (design.md §7.3 defaults: the SegCLIP protocol).
 
-
-def run_zero_shot_eval(model, dataset: str = 'voc', data_root: Optional[str] = None,
-                       device=None, batch_size: int = 16, num_workers: int = 2, templates='simple',
-                       class_names: Optional[Sequence[str]] = None, with_bg: Optional[bool] = None,
-                       bg_thresh: Optional[float] = None, resolution: int = 224, max_long: int = 2048,
-                       crop: int = 224, stride: int = 224, amp=None, max_images: Optional[int] = None,
-                       progress: bool = True, on_prediction: Optional[Callable] = None) -> Dict:
-    """Evaluate ``model`` zero-shot on a segmentation split (SegCLIP protocol by default).
-
-    Args:
-        model: SegCLIP (or a DDP wrapper); put in eval mode for the call and restored afterwards.
-        dataset: voc | context | coco | voc20 | context59 | coco_stuff | cityscapes | ade20k.
-        data_root: the dataset folder (default: mmseg's ``data/...`` location).
-        device: where the model runs (default: the model's device; the model is moved there).
-        batch_size: crops per visual forward (windows of several images are pooled).
-        num_workers: DataLoader processes decoding / resizing images.
-        templates: prompt set (simple | subset | full | identity).
-        class_names: override the dataset's names (same count and order as its labels; a leading 'background'
-            means background-by-threshold). For ``voc`` any count: a custom VOC-layout split with its own classes
-            (label i = class i; a label id >= the count raises DatasetError).
-        with_bg / bg_thresh: background channel and threshold (defaults: from the dataset, design.md §7.3).
-        resolution / max_long: keep-ratio resize to scale (max_long, resolution) - short side ``resolution``.
-        crop / stride: sliding window.
-        amp: None | 'bf16' | 'fp16': autocast for the visual tower (GPU).
-        max_images: evaluate only the first N images of the split (quick checks).
-        on_prediction: called as ``on_prediction(img_path, pred)`` with each label map [H, W] (int64, CPU) this
-            rank predicts (e.g. to save it).
-
-    Returns dict: mIoU, aAcc, mAcc (percent), per_class (name -> IoU % or None), images, seconds, images_per_s,
-    num_classes, settings.
+    dataset: voc | context | coco | voc20 | context59 | coco_stuff | cityscapes | ade20k, or ``custom``: your own
+        split in the VOC layout with your own ``class_names`` (label i = class i; a label id >= the count raises
+        DatasetError). A benchmark's ``class_names`` override must have the benchmark's count.
+    data_root: the dataset folder (default: mmseg's ``data/...`` location; required for ``custom``).
+    class_names: a leading 'background' means background-by-threshold.
+    with_bg / bg_thresh: background channel and threshold (defaults: from the dataset / class list).
+    resolution / max_long: keep-ratio resize to scale (max_long, resolution) - short side ``resolution``.
+    crop / stride: sliding window. batch_size: crops per visual forward (windows of several images are pooled).
+    num_workers: DataLoader processes decoding / resizing images.
+    amp: None | 'bf16' | 'fp16': autocast for the visual tower (GPU). The model's own precision (bf16 weights,
+        modules/precision.py) is reported in the settings.
+    device: where the model runs (default: the model's device; the model is moved there).
+    max_images: evaluate only the first N images of the split (quick checks).
+    max_image_pixels: images / label maps with more pixels are refused before decoding (0 or None: no limit).
     """
-    if dataset not in DATASET_CLASSES:
-        raise ValueError(f'unknown dataset {dataset!r}; choose one of {sorted(DATASET_CLASSES)}')
-    rank, world = _dist_info()
-    names = validate_class_names(class_names if class_names is not None else DATASET_CLASSES[dataset])
-    if class_names is not None and len(names) != len(DATASET_CLASSES[dataset]) and dataset not in ANY_CLASS_COUNT:
-        raise ValueError(f'{dataset} has {len(DATASET_CLASSES[dataset])} label values, but {len(names)} class names '
-                         f'were given (only {sorted(ANY_CLASS_COUNT)} take a list of another length)')
-    bg_in_names = names[0] == 'background'
-    with_bg = bg_in_names if with_bg is None else bool(with_bg)
-    if with_bg != bg_in_names:
-        raise ValueError(f'with_bg={with_bg} needs the class list to {"start" if with_bg else "not start"} with '
-                         f'"background" (it has {len(names)} classes, first {names[0]!r})')
-    if bg_thresh is None:
-        bg_thresh = BG_THRESH.get(dataset, 0.0)
+    dataset: str = 'voc'
+    data_root: Optional[str] = None
+    class_names: Optional[Sequence[str]] = None
+    templates: Union[str, Sequence[str]] = 'simple'
+    with_bg: Optional[bool] = None
+    bg_thresh: Optional[float] = None
+    resolution: int = 224
+    max_long: int = 2048
+    crop: int = 224
+    stride: int = 224
+    batch_size: int = 16
+    num_workers: int = 2
+    amp: Optional[str] = None
+    device: Optional[Union[str, torch.device]] = None
+    max_images: Optional[int] = None
+    max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS
+    progress: bool = True
 
-    net = unwrap_model(model)
-    device = torch.device(device) if device is not None else next(net.parameters()).device
-    was_training = net.training
-    net.to(device).eval()
+    def vocabulary(self) -> Tuple[list, bool, float]:
+        """-> (class names in label order, with_bg, bg_thresh); UsageError naming what does not fit."""
+        if self.dataset != CUSTOM_DATASET and self.dataset not in DATASET_CLASSES:
+            raise UsageError(f'unknown dataset {self.dataset!r}; choose one of '
+                             f'{sorted(DATASET_CLASSES) + [CUSTOM_DATASET]}')
+        if self.dataset == CUSTOM_DATASET:
+            if self.class_names is None:
+                raise UsageError(f'dataset {CUSTOM_DATASET!r} needs its class names (label i = name i)')
+            names = validate_class_names(self.class_names)
+        else:
+            names = validate_class_names(self.class_names if self.class_names is not None
+                                         else DATASET_CLASSES[self.dataset])
+            if len(names) != len(DATASET_CLASSES[self.dataset]):
+                raise UsageError(f'{self.dataset} has {len(DATASET_CLASSES[self.dataset])} label values, but '
+                                 f'{len(names)} class names were given (for a split of your own with its own '
+                                 f'classes use dataset {CUSTOM_DATASET!r})')
+        bg_in_names = names[0] == 'background'
+        with_bg = bg_in_names if self.with_bg is None else bool(self.with_bg)
+        if with_bg != bg_in_names:
+            raise UsageError(f'with_bg={with_bg} needs the class list to {"start" if with_bg else "not start"} '
+                             f'with "background" (it has {len(names)} classes, first {names[0]!r})')
+        default = BG_THRESH['voc'] if self.dataset == CUSTOM_DATASET else BG_THRESH.get(self.dataset, 0.0)
+        return names, with_bg, (default if self.bg_thresh is None else float(self.bg_thresh))
 
-    full = ZeroShotSegDataset(dataset, data_root, resolution=resolution, max_long=max_long)
-    total = len(full) if max_images is None else min(len(full), int(max_images))
-    shard = full.subset(range(rank, total, world))    # disjoint, unpadded: every image counted once
-    loader = torch.utils.data.DataLoader(shard, batch_size=1, shuffle=False, num_workers=num_workers,
+
+class ShardResult(NamedTuple):
+    areas: torch.Tensor                 # int64 [4, C]: intersect, union, pred, label summed over this rank's images
+    images: int                         # images predicted here
+    error: Optional[BaseException]      # what stopped this rank, if anything
+
+
+def predict_shard(seg: ZeroShotSegmentor, shard: ZeroShotSegDataset, cfg: EvalConfig, num_classes: int,
+                  on_prediction: Optional[Callable] = None, bar=None) -> ShardResult:
+    """Predict this rank's images and sum their areas. Never raises: an error is returned, so that the caller
+    can tell the other ranks before raising it."""
+    C = num_classes
+    device = seg.device
+    areas = torch.zeros(4, C, dtype=torch.int64, device=device)    # on the device: no synchronisation per image
+    done = 0
+    loader = torch.utils.data.DataLoader(shard, batch_size=1, shuffle=False, num_workers=cfg.num_workers,
                                          collate_fn=collate_list, pin_memory=device.type == 'cuda',
                                          persistent_workers=False)
-    seg = ZeroShotSegmentor(net, class_names=names, templates=templates, with_bg=with_bg, bg_thresh=bg_thresh,
-                            amp_dtype=_amp_dtype(amp))
-    C = len(names)
-    areas = torch.zeros(4, C, dtype=torch.int64)
-    n_done = 0
-
-    from tqdm import tqdm
-    bar = tqdm(total=total, desc=f'zero-shot {dataset}', unit='img', disable=not progress or rank != 0,
-               dynamic_ncols=True)
 
     def flush(pending):
-        nonlocal areas, n_done
-        if not pending:
-            return
         preds = seg.predict([p['img'] for p in pending], [p['ori_shape'] for p in pending],
-                            crop=crop, stride=stride, batch_size=batch_size)
+                            crop=cfg.crop, stride=cfg.stride, batch_size=cfg.batch_size)
         for p, pred in zip(pending, preds):
             gt = p['gt'].to(pred.device)
             bad = gt[(gt != IGNORE_INDEX) & (gt >= C)]
             if bad.numel():   # mmseg's histogram would silently drop them
                 raise DatasetError(f'{p["img_path"]}: label {int(bad.max())} but only {C} class names')
-            areas += intersect_and_union(pred, gt, C)
+            areas.add_(intersect_and_union(pred, gt, C))
             if on_prediction is not None:
                 on_prediction(p['img_path'], pred.cpu())
-        n_done += len(pending)
-        bar.update(len(pending) * world)
+        if bar is not None:
+            bar.update(len(pending) * _dist_info()[1])
+        return len(pending)
 
-    start = time.perf_counter()
-    error = None
     try:
         pending, n_windows = [], 0
         for batch in loader:       # pool images until their windows fill a forward pass
             for p in batch:
                 pending.append(p)
-                n_windows += len(slide_windows(*p['img'].shape[-2:], crop, stride))
-            if n_windows >= batch_size:
-                flush(pending)
+                n_windows += len(slide_windows(*p['img'].shape[-2:], cfg.crop, cfg.stride))
+            if n_windows >= cfg.batch_size:
+                done += flush(pending)
                 pending, n_windows = [], 0
-        flush(pending)
+        if pending:
+            done += flush(pending)
     except DatasetError as e:
         # from a DataLoader worker the message carries the worker's traceback: keep only the reason
-        error = DatasetError(str(e).strip().splitlines()[-1].split('DatasetError: ', 1)[-1])
-    finally:
-        bar.close()
-        if was_training:
-            net.train()
+        return ShardResult(areas.cpu(), done, DatasetError(str(e).strip().splitlines()[-1].split('DatasetError: ', 1)[-1]))
+    except torch.cuda.OutOfMemoryError:
+        return ShardResult(areas.cpu(), done, EvalError(
+            f'{device} ran out of memory with --batch_size {cfg.batch_size} (windows per forward pass); lower '
+            '--batch_size, or use --precision bf16'))
+    except Exception as e:  # noqa: BLE001 - not hidden: re-raised by reduce_across_ranks after the other ranks know
+        return ShardResult(areas.cpu(), done, e)
+    return ShardResult(areas.cpu(), done, None)
 
-    # every rank learns whether any rank failed, so none is left waiting in the reduction below
-    failed = int(_all_reduce_sum(torch.tensor([error is not None], dtype=torch.int64), device).item())
-    if error is not None:
-        raise error
+
+def reduce_across_ranks(shard: ShardResult, device: torch.device) -> Tuple[torch.Tensor, int]:
+    """-> (areas [4, C] and image count summed over ranks). Every rank first contributes a failure flag, so a
+    failing rank raises its own error and the others an EvalError instead of waiting in the sum."""
+    failed = int(_all_reduce_sum(torch.tensor([shard.error is not None], dtype=torch.int64), device).item())
+    if shard.error is not None:
+        raise shard.error
     if failed:
-        raise DatasetError(f'{failed} other process(es) failed to read their images (see their messages)')
-    areas = _all_reduce_sum(areas, device)
-    counted = int(_all_reduce_sum(torch.tensor([n_done], dtype=torch.int64), device).item())
-    if counted != total:
-        raise RuntimeError(f'{counted} images were evaluated across {world} process(es), expected {total}')
-    seconds = time.perf_counter() - start
+        raise EvalError(f'{failed} other process(es) failed (see their messages)')
+    areas = _all_reduce_sum(shard.areas, device)
+    counted = int(_all_reduce_sum(torch.tensor([shard.images], dtype=torch.int64), device).item())
+    return areas, counted
 
+
+def build_report(areas: torch.Tensor, names: Sequence[str], images: int, seconds: float, cfg: EvalConfig,
+                 data_root: str, with_bg: bool, bg_thresh: float, precision: str) -> Dict:
+    """Summed areas -> the result dict: metrics (``areas_to_metrics``), counts, timing, areas and settings."""
     result = areas_to_metrics(areas, names)
+    templates = cfg.templates if isinstance(cfg.templates, str) else list(cfg.templates)
     result.update(
-        dataset=dataset, images=counted, seconds=seconds, images_per_s=counted / seconds if seconds > 0 else None,
-        num_classes=C, world_size=world,
+        dataset=cfg.dataset, images=images, seconds=seconds, images_per_s=images / seconds if seconds > 0 else None,
+        num_classes=len(names), world_size=_dist_info()[1],
         areas=dict(intersect=areas[0].tolist(), union=areas[1].tolist(), pred=areas[2].tolist(),
                    label=areas[3].tolist()),
-        settings=dict(data_root=full.data_root, templates=templates if isinstance(templates, str) else list(templates),
-                      with_bg=with_bg, bg_thresh=bg_thresh if with_bg else None, resolution=resolution,
-                      max_long=max_long, crop=crop, stride=stride, batch_size=batch_size, amp=str(amp),
-                      device=str(device), reduce_zero_label=LAYOUTS[dataset].reduce_zero_label),
+        settings=dict(data_root=data_root, templates=templates, with_bg=with_bg,
+                      bg_thresh=bg_thresh if with_bg else None, resolution=cfg.resolution, max_long=cfg.max_long,
+                      crop=cfg.crop, stride=cfg.stride, batch_size=cfg.batch_size, amp=str(cfg.amp),
+                      precision=precision, device=str(cfg.device),
+                      reduce_zero_label=LAYOUTS[cfg.dataset].reduce_zero_label),
     )
     return result
+
+
+def run_zero_shot_eval(model, config: Optional[EvalConfig] = None, on_prediction: Optional[Callable] = None,
+                       **settings) -> Dict:
+    """Evaluate ``model`` zero-shot on a segmentation split (SegCLIP protocol by default).
+
+    model: SegCLIP (or a DDP wrapper); put in eval mode for the call and restored afterwards.
+    config: an EvalConfig; ``settings`` (EvalConfig's fields by keyword) replace its values.
+    on_prediction: called as ``on_prediction(img_path, pred)`` with each label map [H, W] (int64, CPU) this rank
+        predicts (e.g. to save it).
+
+    Returns dict: mIoU, aAcc, mAcc (percent), per_class (name -> IoU % or None), per_class_acc, images, seconds,
+    images_per_s, num_classes, world_size, areas, settings.
+    """
+    from modules.precision import model_precision
+    cfg = dataclasses.replace(config or EvalConfig(), **settings)
+    names, with_bg, bg_thresh = cfg.vocabulary()
+    rank, world = _dist_info()
+    net = unwrap_model(model)
+    cfg.device = torch.device(cfg.device) if cfg.device is not None else next(net.parameters()).device
+    was_training = net.training
+    net.to(cfg.device).eval()
+    from tqdm import tqdm
+    start, full, total = time.perf_counter(), None, 0
+    try:
+        full = ZeroShotSegDataset(cfg.dataset, cfg.data_root, resolution=cfg.resolution, max_long=cfg.max_long,
+                                  max_image_pixels=cfg.max_image_pixels)
+        total = len(full) if cfg.max_images is None else min(len(full), int(cfg.max_images))
+        shard = full.subset(range(rank, total, world))    # disjoint, unpadded: every image counted once
+        seg = ZeroShotSegmentor(net, class_names=names, templates=cfg.templates, with_bg=with_bg,
+                                bg_thresh=bg_thresh, amp_dtype=_amp_dtype(cfg.amp))
+        with tqdm(total=total, desc=f'zero-shot {cfg.dataset}', unit='img', dynamic_ncols=True,
+                  disable=not cfg.progress or rank != 0) as bar:
+            result = predict_shard(seg, shard, cfg, len(names), on_prediction, bar)
+    except Exception as e:  # noqa: BLE001 - re-raised by reduce_across_ranks once every rank knows
+        result = ShardResult(torch.zeros(4, len(names), dtype=torch.int64), 0, e)
+    finally:
+        if was_training:
+            net.train()
+    areas, counted = reduce_across_ranks(result, cfg.device)
+    if counted != total:
+        raise RuntimeError(f'{counted} images were evaluated across {world} process(es), expected {total}')
+    return build_report(areas, names, counted, time.perf_counter() - start, cfg, full.data_root, with_bg, bg_thresh,
+                        model_precision(net))
 
 
 def format_table(result: Dict) -> str:

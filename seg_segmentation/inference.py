@@ -3,6 +3,10 @@
     seg = ZeroShotSegmentor(model, class_names=['cat', 'dog'], bg_thresh=0.8)
     logits = seg.crop_logits(crops)                 # [B,3,h,w] -> [B,1+N,h,w]
     probs = seg.slide_probs(image, crop=224, stride=224)
+    labels = seg.predict([image[0]], out_sizes=[(H, W)])[0]       # the evaluation's prediction, [H, W] int64
+
+This is the only prediction path: the evaluation (seg_segmentation/evaluate.py) and the demo
+(seg_segmentation/visualize.py) both call ``predict``, so a photo gets the labels the benchmark protocol gives it.
 
 Each crop goes through the visual tower once (the 2022 code ran it twice: once for the assignment map, once for the
 group embeddings), and the crops of one image - and of several images - are batched. Both give the same numbers
@@ -11,6 +15,7 @@ because the visual pass is per sample.
 import contextlib
 from typing import List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -40,12 +45,15 @@ def build_text_embedding(model, class_names: Sequence[str], templates='simple', 
                          normalize_each: bool = False) -> torch.Tensor:
     """class names -> [N, D]: every template filled with the name, encoded, averaged over templates (no per-template
     normalisation, as in 2022; ``normalize_each``: each template's embedding L2-normalised first, as SCLIP does),
-    then L2-normalised. Tokens are the 77-long evaluation layout."""
+    then L2-normalised. Tokens are the 77-long evaluation layout, cut after the last end-of-text token: the text
+    tower is causal and reads its output at the end-of-text token, so the padding behind it cannot change the
+    result (float noise aside) and a short prompt costs a fraction of 77 positions."""
     model = unwrap_model(model)
     names = validate_class_names(class_names)
     formats = get_templates(templates)
     texts = [t.format(name) for name in names for t in formats]
-    tokens = tokenize(texts).to(model_device(model))                        # [N*T, 77]
+    tokens = tokenize(texts)                                                # [N*T, 77]
+    tokens = tokens[:, :int(tokens.argmax(dim=-1).max()) + 1].to(model_device(model))   # EOT = the largest id
     embeds = torch.cat([model.encode_text(tokens[i:i + chunk]).float() for i in range(0, len(tokens), chunk)])
     embeds = embeds.reshape(len(names), len(formats), -1)                  # [N, T, D]
     if normalize_each:
@@ -174,17 +182,25 @@ class ZeroShotSegmentor:
         """Window-averaged logits of one or several images.
 
         images: [B,3,H,W] or a list of [3,H_i,W_i] (sizes may differ) -> list of [C, H_i, W_i] on the model device.
-        The windows of all images are pooled and run ``batch_size`` at a time.
+        The windows of all images are pooled and run ``batch_size`` at a time. A side shorter than one patch (a
+        photo thinner than 1/14 of its length) is padded with zeros - the mean colour - to one patch, and the
+        padding cut off again; any longer side follows mmseg's windows (``slide_windows``).
         """
         if isinstance(images, torch.Tensor) and images.dim() == 4:
             images = list(images)
         if batch_size < 1:
             raise ValueError(f'batch_size must be >= 1, got {batch_size}')
-        C = self.num_classes
-        sums, counts, jobs = [], [], {}
+        C, p = self.num_classes, self.model.patch_size
+        sizes, padded, sums, counts, jobs = [], [], [], [], {}
         for i, img in enumerate(images):
             if img.dim() != 3 or img.shape[0] != 3:
                 raise ValueError(f'expected an image [3, H, W], got {tuple(img.shape)}')
+            sizes.append(tuple(img.shape[-2:]))
+            # whole images go to the device once (from the loader's pinned memory); the crops are cut there
+            img = img.to(self.device, non_blocking=True)
+            if img.shape[-2] < p or img.shape[-1] < p:
+                img = F.pad(img, (0, max(p - img.shape[-1], 0), 0, max(p - img.shape[-2], 0)))
+            padded.append(img)
             H, W = img.shape[-2:]
             sums.append(torch.zeros(C, H, W, device=self.device))
             counts.append(torch.zeros(1, H, W, device=self.device))
@@ -193,7 +209,7 @@ class ZeroShotSegmentor:
         for size, windows in jobs.items():          # windows of equal size batch together
             for start in range(0, len(windows), batch_size):
                 part = windows[start:start + batch_size]
-                crops = torch.stack([images[i][:, y1:y2, x1:x2] for i, y1, y2, x1, x2 in part])
+                crops = torch.stack([padded[i][:, y1:y2, x1:x2] for i, y1, y2, x1, x2 in part])
                 soft, groups, embed = self.encode(crops)
                 for k in range(0, len(part), head_chunk):   # bounded memory: [chunk, C, h, w] at a time
                     logits = self.head(soft[k:k + head_chunk], groups[k:k + head_chunk],
@@ -201,7 +217,7 @@ class ZeroShotSegmentor:
                     for (i, y1, y2, x1, x2), lg in zip(part[k:k + head_chunk], logits):
                         sums[i][:, y1:y2, x1:x2] += lg
                         counts[i][:, y1:y2, x1:x2] += 1
-        return [s / c for s, c in zip(sums, counts)]
+        return [(s / c)[:, :h, :w] for s, c, (h, w) in zip(sums, counts, sizes)]
 
     @torch.no_grad()
     def slide_probs(self, image: torch.Tensor, crop: IntPair = 224, stride: IntPair = 224,
@@ -212,14 +228,72 @@ class ZeroShotSegmentor:
 
     @torch.no_grad()
     def predict(self, images: Union[torch.Tensor, Sequence[torch.Tensor]], out_sizes: Optional[Sequence] = None,
-                crop: IntPair = 224, stride: IntPair = 224, batch_size: int = 16) -> List[torch.Tensor]:
+                crop: IntPair = 224, stride: IntPair = 224, batch_size: int = 16,
+                max_elements: Optional[int] = None) -> List[torch.Tensor]:
         """Label maps: window-averaged logits resized (bilinear) to ``out_sizes`` (default: input size), softmax,
-        argmax -> list of [H_i, W_i] int64, as mmseg's slide inference did."""
+        argmax -> list of [H_i, W_i] int64, as mmseg's slide inference did. ``max_elements`` bounds the memory of
+        the resize (see ``upsample_labels``; None = mmseg's one full-size resize, the evaluation's default)."""
         logits = self.slide_logits(images, crop, stride, batch_size)
-        preds = []
-        for i, lg in enumerate(logits):
-            size = tuple(lg.shape[-2:]) if out_sizes is None else tuple(int(v) for v in out_sizes[i])
-            if size != tuple(lg.shape[-2:]):
-                lg = F.interpolate(lg[None], size=size, mode='bilinear', align_corners=False)[0]
-            preds.append(lg.softmax(dim=0).argmax(dim=0))
-        return preds
+        return [upsample_labels(lg, tuple(lg.shape[-2:]) if out_sizes is None else out_sizes[i], max_elements)
+                for i, lg in enumerate(logits)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Logits -> labels at the photo's size
+
+def upsample_labels(logits: torch.Tensor, size: Sequence[int], max_elements: Optional[int] = None) -> torch.Tensor:
+    """logits [C, h, w] -> labels [H, W] int64 (same device): bilinear resize (align_corners=False) to ``size``,
+    softmax over C, argmax - mmseg's post-processing.
+
+    With ``max_elements`` and C*H*W above it, the full-size [C, H, W] float copy (6 GB for a 24 MP photo and 60
+    classes) is never made: an output pixel is a convex blend of four source pixels, so where those four pick the
+    same class the blend picks it too and the label is copied; only pixels between disagreeing source pixels are
+    blended, a band of rows at a time, with PyTorch's weights and nesting (the width pass by F.interpolate, then
+    rows). The result equals the full resize up to float rounding at exact ties (tests/test_vis_draw.py).
+    """
+    H, W = int(size[0]), int(size[1])
+    C, h, w = logits.shape
+    if (H, W) == (h, w):
+        return logits.softmax(dim=0).argmax(dim=0)
+    if max_elements is None or C * H * W <= max_elements:
+        up = F.interpolate(logits[None], size=(H, W), mode='bilinear', align_corners=False)[0]
+        return up.softmax(dim=0).argmax(dim=0)
+    return torch.from_numpy(_upsample_argmax_bounded(logits.detach().float().cpu(), H, W, max_elements)).to(
+        device=logits.device, dtype=torch.int64)
+
+
+def _bilinear_source(out_size: int, in_size: int):
+    """Per output index: the two source indices and their weights, computed as PyTorch's upsample_bilinear2d
+    does with align_corners=False (float32, source index clamped at 0)."""
+    scale = torch.tensor(np.float32(in_size) / np.float32(out_size))
+    src = ((torch.arange(out_size, dtype=torch.float32) + 0.5) * scale - 0.5).clamp(min=0)
+    i0 = src.long().clamp(max=in_size - 1)
+    i1 = (i0 + 1).clamp(max=in_size - 1)
+    l1 = (src - i0.float()).clamp(0, 1)
+    return i0.numpy(), i1.numpy(), (1.0 - l1), l1
+
+
+def _upsample_argmax_bounded(scores: torch.Tensor, H: int, W: int, max_elements: int) -> np.ndarray:
+    """CPU float scores [C, h, w] -> labels [H, W] (uint8, int32 beyond 256 classes); see ``upsample_labels``."""
+    C, h, w = scores.shape
+    dtype = np.uint8 if C <= 256 else np.int32
+    src_label = scores.argmax(dim=0).numpy().astype(dtype)                          # [h, w]
+    r1, c1 = np.minimum(np.arange(h) + 1, h - 1), np.minimum(np.arange(w) + 1, w - 1)
+    settled = ((src_label == src_label[r1]) & (src_label == src_label[:, c1])
+               & (src_label == src_label[r1][:, c1]))                                # [h, w] four corners agree
+    y0, y1, ly0, ly1 = _bilinear_source(H, h)
+    x0 = _bilinear_source(W, w)[0]
+    out = src_label[y0[:, None], x0[None, :]]                                        # [H, W]
+    # width pass (row weights 1 and 0 reproduce the kernel's inner blend exactly): [h, W, C], classes contiguous
+    wide = F.interpolate(scores[None], size=(h, W), mode='bilinear', align_corners=False)[0].permute(1, 2, 0)
+    wide = wide.contiguous()
+    starts = np.searchsorted(y0, np.arange(h + 1))                                   # output rows of source row i
+    for i in np.nonzero(~settled.all(axis=1))[0]:
+        cols = torch.from_numpy(np.nonzero(~settled[i][x0])[0])                     # output columns to blend
+        top, bottom = wide[i, cols], wide[y1[starts[i]] if starts[i] < H else i, cols]   # [n, C]
+        step = max(1, max_elements // max(1, len(cols) * C))
+        for r in range(starts[i], starts[i + 1], step):
+            rows = slice(r, min(r + step, starts[i + 1]))
+            blend = ly0[rows, None, None] * top + ly1[rows, None, None] * bottom     # [rows, n, C]
+            out[rows, cols.numpy()] = blend.argmax(dim=-1).numpy()
+    return out

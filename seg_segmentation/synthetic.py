@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from .datasets import LAYOUTS
-from .visualize import voc_palette
+from .drawing import voc_palette
 
 # raw label value range written per dataset (before mmseg's reduce_zero_label)
 _RAW_LABELS = {'voc': 21, 'voc20': 21, 'context': 60, 'context59': 60, 'coco': 81, 'coco_stuff': 171,

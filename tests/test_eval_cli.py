@@ -112,7 +112,8 @@ def test_no_background_variants_in_process(dataset, tmp_path, tiny_model):
     root = write_fake_dataset(dataset, tmp_path / 'data', num_images=2, sizes=SIZES[:2], seed=2)
     preds = {}
     tiny_model.train()
-    res = run_zero_shot_eval(tiny_model, dataset, root, resolution=112, crop=112, stride=112, num_workers=0,
+    res = run_zero_shot_eval(tiny_model, dataset=dataset, data_root=root, resolution=112, crop=112, stride=112,
+                             num_workers=0,
                              progress=False, on_prediction=lambda p, pred: preds.__setitem__(Path(p).name, pred))
     layout = LAYOUTS[dataset]
     pairs = [(preds[Path(p).name[:-len(layout.seg_map_suffix)] + layout.img_suffix].numpy(), read_gt(dataset, p))
@@ -213,12 +214,12 @@ def test_class_name_file_replaces_names(voc_root, tiny_checkpoint, tmp_path, cap
     f.write_text('background\ncat\n')
     rc, _, err = _main(['--dataset', 'voc', '--data_root', voc_root, '--init_model', tiny_checkpoint,
                         '--class_names', f], capsys)
-    assert rc == 2 and 'but only 2 class names' in err and 'Traceback' not in err   # labels up to 20 exist
+    assert rc == 2 and 'voc has 21 label values, but 2 class names' in err and 'Traceback' not in err
 
 
 def test_custom_voc_layout_with_its_own_class_count(voc_root, tiny_checkpoint, tmp_path, capsys):
-    """--dataset voc takes a class list of any length when the label ids fit (the quickstart's synthetic split):
-    the scores are those of the same predictions re-scored with 3 classes."""
+    """--dataset custom takes a class list of any length when the label ids fit (the quickstart's synthetic split):
+    the scores are those of the same predictions re-scored with 3 classes. --dataset voc keeps VOC's 21."""
     seg_dir = voc_root / 'SegmentationClass'
     for png in sorted(seg_dir.glob('*.png')):   # squeeze the labels to 0..2, keep 255 (palette PNG kept)
         im = Image.open(png)
@@ -231,17 +232,24 @@ def test_custom_voc_layout_with_its_own_class_count(voc_root, tiny_checkpoint, t
     f.write_text('background\ncat\ndog\n')
     out, pred_dir = tmp_path / 'r.json', tmp_path / 'pred'
     rc, _, err = _main(['--dataset', 'voc', '--data_root', voc_root, '--init_model', tiny_checkpoint,
+                        '--class_names', f, '--output', out, '--num_workers', '0', '--no_progress'] + SMALL, capsys)
+    assert rc == 2 and 'voc has 21 label values, but 3 class names' in err and "use dataset 'custom'" in err
+    rc, _, err = _main(['--dataset', 'custom', '--data_root', voc_root, '--init_model', tiny_checkpoint,
+                        '--output', out, '--num_workers', '0', '--no_progress'] + SMALL, capsys)
+    assert rc == 2 and "'custom' needs its class names" in err
+    rc, _, err = _main(['--dataset', 'custom', '--data_root', voc_root, '--init_model', tiny_checkpoint,
                         '--class_names', f, '--output', out, '--save_pred', pred_dir, '--num_workers', '0',
                         '--no_progress'] + SMALL, capsys)
     assert rc == 0, err
     res = json.loads(out.read_text())
     assert list(res['per_class']) == ['background', 'cat', 'dog'] and res['num_classes'] == 3
-    pairs = saved_pairs('voc', voc_root, pred_dir)
+    assert res['settings']['bg_thresh'] == 0.8
+    pairs = saved_pairs('custom', voc_root, pred_dir)
     assert all(int(p.max()) <= 2 for p, _ in pairs)
     assert res['mIoU'] == pytest.approx(independent_miou(pairs, 3)[0], abs=1e-6)
     wrong = tmp_path / 'wrong.txt'      # 2 names for labels 0..2: label 2 cannot be scored
     wrong.write_text('background\ncat\n')
-    rc, _, err = _main(['--dataset', 'voc', '--data_root', voc_root, '--init_model', tiny_checkpoint,
+    rc, _, err = _main(['--dataset', 'custom', '--data_root', voc_root, '--init_model', tiny_checkpoint,
                         '--class_names', wrong, '--num_workers', '0', '--no_progress'] + SMALL, capsys)
     assert rc == 2 and 'label 2 but only 2 class names' in err and 'Traceback' not in err
     context_root = tmp_path / 'VOC2010'            # the data root is checked first: give context a valid layout

@@ -14,7 +14,10 @@ from PIL import Image
 
 import main_seg_vis
 from common.errors import UsageError
+from common import images
+from seg_segmentation import drawing
 from seg_segmentation import visualize as vis
+from seg_segmentation.preprocessing import eval_image_tensor
 
 # Prints the script's own peak memory after it ran (runpy keeps it a real `python main_seg_vis.py` process).
 # Peak RSS of the script itself: VmHWM of this process's own address space. (ru_maxrss is not usable here: Linux
@@ -70,14 +73,14 @@ def test_every_mode_with_own_classes(repo_root, tiny_checkpoint, tiny_model, tmp
     vocabulary = ["background", "cat", "wall", "floor"]
     for jpg in sorted(examples.glob("*.jpg")):
         size = cv2.imread(str(jpg)).shape[:2]
-        labels = check_outputs(tmp_path, jpg.stem, size, vis.VIS_MODES, vocabulary)
+        labels = check_outputs(tmp_path, jpg.stem, size, drawing.VIS_MODES, vocabulary)
         if jpg.stem == "chelsea":
             chelsea = labels
     # The labels are the evaluation's prediction (design.md §7.3) at the photo's size.
     from seg_segmentation.inference import ZeroShotSegmentor
-    bgr = vis.read_image_bgr(examples / "chelsea.jpg")
+    bgr = images.read_image_bgr(examples / "chelsea.jpg")
     seg = ZeroShotSegmentor(tiny_model, class_names=vocabulary[1:], bg_thresh=0.8)
-    expected = seg.predict(vis.preprocess(bgr), out_sizes=[bgr.shape[:2]])[0].numpy()
+    expected = seg.predict([eval_image_tensor(bgr)], out_sizes=[bgr.shape[:2]])[0].numpy()
     assert np.array_equal(chelsea, expected)
     # 'input' is the photo itself
     photo = cv2.imread(str(tmp_path / "vis_imgs" / "input" / "input_chelsea.jpg")).astype(int)
@@ -152,7 +155,7 @@ def test_cli_validation(capsys):
         with pytest.raises(UsageError):
             main_seg_vis.get_args(argv)
         assert main_seg_vis.main(argv) == 2
-    assert main_seg_vis.get_args(["--vis", "all"]).vis == list(vis.VIS_MODES)
+    assert main_seg_vis.get_args(["--vis", "all"]).vis == list(drawing.VIS_MODES)
 
 
 def test_default_checkpoint_from_cache(repo_root, tiny_checkpoint, tmp_path, monkeypatch, capsys):
@@ -172,3 +175,53 @@ def test_default_checkpoint_from_cache(repo_root, tiny_checkpoint, tmp_path, mon
     summary = json.loads((tmp_path / "o" / "labels" / "coffee.json").read_text())
     assert summary["vocabulary"] == ["cup", "saucer", "spoon", "table"] and summary["background"] is False
     assert (tmp_path / "o" / "vis_imgs" / "pred" / "pred_coffee.png").is_file()
+
+
+def _split_of(photos, root: Path) -> Path:
+    """photos (name -> RGB array) as a VOC-layout split of our own (labels all 0): what the evaluation reads."""
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for name, rgb in photos.items():
+        Image.fromarray(rgb).save(root / "JPEGImages" / f"{name}.jpg", quality=90)
+        Image.fromarray(np.zeros(rgb.shape[:2], np.uint8), mode="L").save(root / "SegmentationClass" / f"{name}.png")
+    (root / "ImageSets" / "Segmentation" / "val.txt").write_text("\n".join(photos) + "\n")
+    return root
+
+
+def test_demo_labels_equal_the_evaluation_prediction(repo_root, tiny_model, tmp_path):
+    """One prediction path: a photo gets the same label map from the demo as from the evaluation (same settings),
+    also for photos thinner than one window after the resize (the demo used to pad those) and thinner than one
+    patch (the evaluation used to refuse those)."""
+    examples = repo_root / "demo" / "examples"
+    photos = {p.stem: np.asarray(Image.open(p).convert("RGB")) for p in sorted(examples.glob("*.jpg"))}
+    astronaut = photos["astronaut"]
+    photos["strip"] = cv2.resize(astronaut, (2600, 24))        # 19 rows after the resize: < one 112 window
+    photos["thread"] = cv2.resize(astronaut, (2600, 10))       # 8 rows: < one 16-pixel patch
+    root = _split_of(photos, tmp_path / "split")
+    from seg_segmentation.evaluate import run_zero_shot_eval
+    vocabulary = ["cat", "wall", "floor"]
+    preds = {}
+    res = run_zero_shot_eval(tiny_model, dataset="custom", data_root=str(root), class_names=["background"] + vocabulary,
+                             resolution=112, crop=112, stride=112, batch_size=4, num_workers=0, progress=False,
+                             on_prediction=lambda path, pred: preds.__setitem__(Path(path).stem, pred.numpy()))
+    assert res["images"] == len(photos) == len(preds)
+    demo = vis.SegmentationDemo(tiny_model, vocabulary, bg_thresh=0.8, crop=112, stride=112, resolution=112)
+    for name in photos:
+        pred = demo.predict(images.read_image_bgr(root / "JPEGImages" / f"{name}.jpg"))
+        assert pred.labels.shape == preds[name].shape, name
+        assert np.array_equal(pred.labels, preds[name]), f"{name}: {(pred.labels != preds[name]).sum()} pixels differ"
+        assert pred.classes == vis.label_summary(preds[name], demo.label_names, demo.palette)
+
+
+def test_demo_imports_neither_mmseg_nor_training(repo_root, tiny_checkpoint, tmp_path):
+    code = ("import sys, main_seg_vis\n"
+            f"rc = main_seg_vis.main(['--init_model', {str(tiny_checkpoint)!r}, '--input', "
+            f"{str(repo_root / 'demo' / 'examples' / 'coffee.jpg')!r}, '--output_dir', {str(tmp_path)!r}, "
+            "'--no_progress', '--classes', 'cup, table'])\n"
+            "print('HEAVY', sorted({m.split('.')[0] for m in sys.modules} & {'mmseg', 'mmcv', 'mmengine', 'engine', "
+            "'dataloaders', 'torchvision'}))\n"
+            "sys.exit(rc)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, SEGCLIP_OFFLINE="1"))
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY []" in proc.stdout, proc.stdout

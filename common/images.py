@@ -1,0 +1,98 @@
+"""Reading image files safely: the pixel count is checked from the file header BEFORE any decoding.
+
+A PNG of 20000 x 20000 pixels compresses to a few hundred KB but decodes to gigabytes (a "decompression bomb");
+every image the project reads from a user (demo photos, evaluation images and label maps) goes through
+:func:`check_image_size` first. The limit defaults to Pillow's own (about 89 M pixels) and is set per call
+(``--max_image_pixels`` in the scripts).
+
+    bgr = read_image_bgr("photo.jpg")                 # uint8 BGR [H, W, 3], decoded as mmseg / OpenCV decode
+    (w, h), mode = check_image_size("label.png")      # header only: no pixel is decoded
+"""
+import warnings
+from pathlib import Path
+from typing import Optional, Tuple, Union
+
+import numpy as np
+from PIL import Image
+
+from common.errors import SegCLIPError
+
+PathLike = Union[str, Path]
+# Pillow's MAX_IMAGE_PIXELS as shipped (1024 * 1024 * 1024 // 4 // 3); fixed here so that another library changing
+# Pillow's global does not change ours.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+
+
+class ImageReadError(SegCLIPError, ValueError):
+    """A file that cannot be decoded as an image."""
+
+
+class ImageTooLargeError(ImageReadError):
+    """An image whose header announces more pixels than the limit (refused before decoding)."""
+
+
+def _too_large(path, pixels_text: str, limit: int) -> ImageTooLargeError:
+    return ImageTooLargeError(f"{path}: {pixels_text} is above the limit of {limit:,} pixels (a decompression bomb "
+                              f"or a very large photo); downscale it, or raise the limit with --max_image_pixels")
+
+
+def check_image_size(path: PathLike, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> Tuple[Tuple[int, int], str]:
+    """Read only the header of ``path`` -> ((width, height), Pillow mode). ``max_pixels`` None or 0: no limit.
+
+    Raises ImageTooLargeError above the limit, ImageReadError when the file is not an image Pillow can identify.
+    """
+    limit = int(max_pixels) if max_pixels else 0
+    if limit and Image.MAX_IMAGE_PIXELS is not None and limit > Image.MAX_IMAGE_PIXELS:
+        # Pillow refuses at open() beyond twice its own limit; a user who allows more must get to read the size
+        Image.MAX_IMAGE_PIXELS = limit
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:      # lazy: parses the header, decodes nothing
+                size, mode = im.size, im.mode
+    except Image.DecompressionBombError:
+        if not limit:
+            raise ImageReadError(f"{path}: Pillow refuses this image as a decompression bomb; give a pixel limit "
+                                 f"above its size with --max_image_pixels") from None
+        raise _too_large(path, f"more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels", limit) from None
+    except FileNotFoundError:
+        raise ImageReadError(f"{path}: file not found") from None
+    except OSError as e:   # PIL.UnidentifiedImageError is an OSError
+        raise ImageReadError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+    w, h = size
+    if limit and w * h > limit:
+        raise _too_large(path, f"{w} x {h} = {w * h:,} pixels", limit)
+    return (w, h), mode
+
+
+def read_image_bgr(path: PathLike, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Any image file -> uint8 BGR [H, W, 3], decoded as mmseg does (cv2, colour, EXIF orientation applied).
+
+    The header's pixel count is checked first (see :func:`check_image_size`). Grey, palette, RGBA (alpha dropped),
+    16-bit and CMYK files become 8-bit BGR; formats cv2 cannot decode are tried with Pillow. Raises ImageReadError
+    naming the file otherwise.
+    """
+    import cv2
+    check_image_size(path, max_pixels)
+    try:
+        data = np.fromfile(str(path), dtype=np.uint8)
+    except OSError as e:
+        raise ImageReadError(f"{path}: cannot read file ({e.strerror or e})") from None
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is None:
+        try:
+            from PIL import ImageOps
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(path) as pil:
+                    pil = ImageOps.exif_transpose(pil)
+                    if pil.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits, not clip
+                        arr = np.asarray(pil, dtype=np.float64)
+                        arr = np.clip(arr / (257.0 if arr.max() > 255 else 1.0), 0, 255).astype(np.uint8)
+                        pil = Image.fromarray(arr, mode="L")
+                    image = np.asarray(pil.convert("RGB"))[..., ::-1].copy()
+        except Exception as e:  # noqa: BLE001 - any decoder failure means "not an image we can read"
+            raise ImageReadError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+    if image.ndim != 3 or image.shape[0] == 0 or image.shape[1] == 0:
+        raise ImageReadError(f"{path}: empty image")
+    return image
