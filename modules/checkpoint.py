@@ -6,6 +6,7 @@ Every size of the model is inferred from the tensors.
 """
 import logging
 import os
+import zipfile
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Union
 
