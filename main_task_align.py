@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+import signal
 import sys
 from pathlib import Path
 
@@ -19,12 +20,14 @@ import numpy as np
 import torch
 
 from common import cli
-from common.errors import UsageError
+from common.errors import SegCLIPError, UsageError
 from dataloaders.pretrain import add_data_args
 from seg_segmentation.classes import DATASET_CLASSES
 from seg_segmentation.datasets import resolve_data_root
 
 logger = logging.getLogger("segclip.train")
+error_log = logging.getLogger("segclip.train.error")   # log.txt only
+error_log.propagate = False
 
 
 def build_parser():
@@ -63,6 +66,11 @@ def build_parser():
     g.add_argument("--lr_end", type=float, default=0.0, help="final LR as a fraction of each group's LR")
     g.add_argument("--clip_grad", type=float, default=1.0, help="max gradient norm (<= 0: no clipping)")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--max_nonfinite_steps", type=int, default=20,
+                   help="stop with an error after this many consecutive optimizer steps with a non-finite loss or "
+                        "gradient (each one is skipped); the last good training state stays the latest. 0: never")
+    g.add_argument("--no_tf32", action="store_true",
+                   help="--amp off on a GPU with TF32 (Ampere or later): keep matmuls in full fp32 instead of TF32")
     g.add_argument("--seed", type=int, default=42, help="seed of initialisation, data order and augmentation")
     g.add_argument("--max_words", type=int, default=77, help="caption tokens incl. SOT/EOT (the recipe uses 32)")
     # ---- data loading
@@ -83,7 +91,10 @@ def build_parser():
     g.add_argument("--stop_after_steps", type=int, default=0,
                    help="stop after this many optimizer steps in total (the schedule still spans --epochs); "
                         "the state is saved so that --resume auto continues (for time-limited jobs)")
-    g.add_argument("--n_display", type=int, default=100, help="log every N optimizer steps")
+    g.add_argument("--n_display", type=int, default=100,
+                   help="log every N optimizer steps, to log.txt and OUTPUT_DIR/metrics.jsonl")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard event files to OUTPUT_DIR/tensorboard")
     # ---- evaluation after each epoch
     g = p.add_argument_group("evaluation after each epoch")
     g.add_argument("--eval_data_root", default=None,
@@ -115,14 +126,16 @@ def check_inputs(args) -> None:
     cli.check_input_file(args.resume_model, "--resume_model")
     if args.eval_data_root is not None:
         resolve_data_root(args.eval_dataset, args.eval_data_root)
-    device = cli.resolve_device(args.device)
-    if args.amp == "fp16" and device.type != "cuda":
-        raise UsageError("--amp fp16 needs CUDA; use --amp bf16 on CPU")
+    from engine.precision import check_precision
+    check_precision(args.amp, cli.resolve_device(args.device))
 
 
 def setup_logging(output_dir: str, is_main: bool) -> None:
+    """Log lines to stdout and (rank 0) OUTPUT_DIR/log.txt; ``error_log`` writes to log.txt only (the error itself
+    reaches stderr through cli.run_main)."""
     root = logging.getLogger()
     root.handlers.clear()
+    error_log.handlers.clear()
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%m/%d %H:%M:%S")
     stream = logging.StreamHandler(sys.stdout)
     stream.setFormatter(fmt)
@@ -132,6 +145,7 @@ def setup_logging(output_dir: str, is_main: bool) -> None:
         fh = logging.FileHandler(os.path.join(output_dir, "log.txt"))
         fh.setFormatter(fmt)
         root.addHandler(fh)
+        error_log.addHandler(fh)
     root.setLevel(logging.INFO if is_main else logging.WARNING)
 
 
@@ -174,10 +188,10 @@ def make_eval_fn(args, device):
 def main(argv=None) -> int:
     args = get_args(argv)
     check_inputs(args)
-    from modules.checkpoint import CheckpointError
     from engine.distributed import cleanup, init_distributed
     from engine.optimization import OptimConfig
-    from engine.train_state import ResumeError, find_resume_file, load_training_state
+    from engine.run_lock import lock_output_dir
+    from engine.train_state import load_resume_state
     from engine.training import TrainConfig, check_batch_layout, train
 
     try:
@@ -185,8 +199,10 @@ def main(argv=None) -> int:
     except (RuntimeError, ValueError) as e:       # e.g. --device cuda without a GPU, a launcher without MASTER_ADDR
         print(f"error: {e}", file=sys.stderr)
         return 2
-    setup_logging(args.output_dir, env.is_main)
+    lock = None
     try:
+        lock = lock_output_dir(env, args.output_dir)   # before log.txt is opened: a second run must not touch it
+        setup_logging(args.output_dir, env.is_main)
         if env.is_main:
             logger.info("arguments: %s", json.dumps(vars(args), sort_keys=True, default=str))
         cfg = TrainConfig(
@@ -195,19 +211,22 @@ def main(argv=None) -> int:
                               coef_lr=args.coef_lr, weight_decay=args.weight_decay, betas=(args.opt_b1, args.opt_b2),
                               eps=args.eps, warmup_proportion=args.warmup_proportion, lr_start=args.lr_start,
                               lr_end=args.lr_end),
-            clip_grad=args.clip_grad, amp=args.amp, seed=args.seed, num_workers=args.num_thread_reader,
-            pin_memory=args.use_pin_memory, output_dir=args.output_dir, save_every_steps=args.save_every_steps,
-            stop_after_steps=args.stop_after_steps, n_display=args.n_display, progress=not args.no_progress,
-            steps_per_epoch=args.steps_per_epoch)
+            clip_grad=args.clip_grad, amp=args.amp, tf32=not args.no_tf32, seed=args.seed,
+            num_workers=args.num_thread_reader, pin_memory=args.use_pin_memory, output_dir=args.output_dir,
+            save_every_steps=args.save_every_steps, stop_after_steps=args.stop_after_steps,
+            max_nonfinite_steps=args.max_nonfinite_steps, n_display=args.n_display, tensorboard=args.tensorboard,
+            progress=not args.no_progress, steps_per_epoch=args.steps_per_epoch)
         check_batch_layout(cfg, env.world_size)
-
-        resume_path = args.resume_model or (find_resume_file(args.output_dir) if args.resume == "auto" else None)
-        resume_state = load_training_state(resume_path) if resume_path else None
-        if args.resume == "auto" and resume_path is None:
-            logger.info("--resume auto: no training state in %s, starting fresh", args.output_dir)
+        resume_state = load_resume_state(env, args.output_dir, resume_model=args.resume_model,
+                                         auto=args.resume == "auto")
 
         from dataloaders.pretrain import build_pretrain_dataset
-        dataset = build_pretrain_dataset(args)
+        try:
+            dataset = build_pretrain_dataset(args)
+        except ValueError as e:                   # dataloaders.pretrain reports bad data flags as ValueError
+            if isinstance(e, SegCLIPError):
+                raise
+            raise UsageError(str(e)) from e
 
         random.seed(args.seed)
         np.random.seed(args.seed)
@@ -220,12 +239,15 @@ def main(argv=None) -> int:
         if env.is_main:
             logger.info("%s after %d optimizer steps (%d skipped)", "finished" if result.finished else "stopped",
                         result.global_step, result.skipped_steps)
+        if result.stop_reason in ("SIGTERM", "SIGINT"):   # interrupted, cleanly: state saved, no traceback
+            return 128 + getattr(signal, result.stop_reason)
         return 0
-    except (ValueError, FileNotFoundError, CheckpointError, ResumeError) as e:
-        logger.error("error: %s", e)
-        logger.debug("details", exc_info=True)
-        return 2
+    except SegCLIPError as e:
+        error_log.error("error: %s", e)
+        raise
     finally:
+        if lock is not None:
+            lock.release()
         cleanup(env)
 
 

@@ -85,7 +85,7 @@ def main():
             sp = torch.randint(0, 6, (B, 14, 14), device=device)
             def step():
                 with ctx():
-                    losses = model.compute_losses(ids, None, images, superpixels=sp)
+                    losses = model.compute_losses(ids, images, superpixels=sp)
                 losses["total"].backward()
                 model.zero_grad(set_to_none=True)
             best, mean = timed(step, device, max(1, args.repeats - 1))

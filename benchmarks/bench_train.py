@@ -56,7 +56,7 @@ def one_config(args) -> dict:
         t0, c0 = time.perf_counter(), time.process_time()
         with (torch.autocast(device.type, dtype=dtype) if dtype is not None else torch.autocast(device.type,
                                                                                                  enabled=False)):
-            losses = model.compute_losses(ids, None, images, superpixels=superpixels)
+            losses = model.compute_losses(ids, images, superpixels=superpixels)
         losses["total"].backward()
         sync()
         t1, c1 = time.perf_counter(), time.process_time()

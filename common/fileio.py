@@ -84,6 +84,39 @@ def atomic_write_text(path: PathLike, text: str) -> Path:
     return Path(path)
 
 
+def atomic_create_text(path: PathLike, text: str) -> bool:
+    """Create ``path`` holding ``text`` unless it already exists (then False): exclusive and complete-or-absent,
+    for lock files. The content is written under a temporary name and hard-linked into place."""
+    path = Path(path)
+    tmp = _tmp_name(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+            try:                         # no hard links on this filesystem: exclusive create, then write
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+    except OSError as e:
+        raise OutputError(describe_os_error(e, path)) from e
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    _fsync_dir(path.parent)
+    return True
+
+
 def atomic_torch_save(obj: Any, path: PathLike) -> Path:
     """``torch.save`` that never leaves a partial file (training states, checkpoints)."""
     import torch  # this module is imported by light paths (demo, download) that should not pay for torch

@@ -224,8 +224,3 @@ def is_legacy_cc3m(root) -> bool:
 
 def is_legacy_coco(root) -> bool:
     return (Path(root) / "coco_train2014.pkl").is_file()
-
-
-def skipped_counts(datasets: List[CaptionImageDataset]) -> dict:
-    """{name: corrupt images skipped} for the datasets of this process (for logs at epoch end)."""
-    return {d.name: d.skipped for d in datasets}

@@ -4,8 +4,11 @@ A state file holds the model weights, optimizer / LR schedule / grad-scaler stat
 (epoch, micro-batches done in that epoch, optimizer steps done) and every rank's RNG states, so a resumed run sees
 the same batches and draws the same noise as an uninterrupted one.
 """
+import logging
 import os
 import random
+import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Union
 
@@ -13,10 +16,16 @@ import numpy as np
 import torch
 
 from common.errors import SegCLIPError
-from common.fileio import atomic_torch_save  # noqa: F401  (re-exported: the training state is saved with it)
+from common.fileio import atomic_torch_save
+
+from .distributed import DistEnv, all_gather_objects, broadcast_object, on_main_process
+
+logger = logging.getLogger("segclip.train")
 
 STATE_FORMAT = "segclip-train-state/1"
 STATE_NAME = "training_state.pt"
+WEIGHTS_NAME = "pytorch_model.bin.{epoch}"    # the 2022 name, 0-based epoch
+RESEED_STRIDE = 7919       # resume on another process count: noise seed = seed + RESEED_STRIDE * (step + 1) + rank
 PathLike = Union[str, os.PathLike]
 
 
@@ -113,3 +122,119 @@ def make_training_state(*, model_sd: Mapping[str, torch.Tensor], optimizer, sche
     if extra:
         state.update(extra)
     return state
+
+
+def seed_everything(seed: int) -> None:
+    """Python, numpy and torch (CPU and every GPU) RNGs of this process."""
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------- position
+@dataclass
+class Position:
+    """Where a run stands: the epoch in progress (0-based), micro-batches of it consumed, optimizer steps done."""
+    epoch: int = 0
+    micro: int = 0
+    global_step: int = 0
+
+
+def restore_training_state(state: Mapping[str, Any], *, model, optimizer, scheduler, scaler, env: DistEnv,
+                           micro_per_epoch: int, total_steps: int, seed: int) -> Position:
+    """Load a state from :func:`load_training_state` into the objects of this run; -> where to continue."""
+    check_model_fits(model.state_dict(), state["model"])
+    model.load_state_dict(state["model"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise ResumeError(f"the optimizer state in the resume file does not fit the current parameter groups "
+                          f"(were --freeze_layer_num / --lr flags changed?): {e}") from e
+    scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    pos = Position(int(state["epoch"]), int(state["micro_step"]), int(state["global_step"]))
+    if pos.micro >= micro_per_epoch:
+        pos = Position(pos.epoch + 1, 0, pos.global_step)
+    if env.is_main and state.get("total_steps", total_steps) != total_steps:
+        logger.warning("the resumed run was planned for %s optimizer steps, this one for %d (changed --epochs, "
+                       "--batch_size or data?): the LR schedule continues on the new length",
+                       state.get("total_steps"), total_steps)
+    rng = state.get("rng") or []
+    if env.rank < len(rng) and len(rng) == env.world_size:
+        restore_rng_state(rng[env.rank])
+    else:
+        logger.warning("resume file holds RNG states of %d processes, this run has %d: reseeding",
+                       len(rng), env.world_size)
+        seed_everything(seed + RESEED_STRIDE * (pos.global_step + 1) + env.rank)
+    if env.is_main:
+        logger.info("resuming at epoch %d, micro-batch %d/%d, optimizer step %d/%d", pos.epoch + 1, pos.micro,
+                    micro_per_epoch, pos.global_step, total_steps)
+    return pos
+
+
+def load_resume_state(env: DistEnv, output_dir: Optional[PathLike], resume_model: Optional[PathLike] = None,
+                      auto: bool = False) -> Optional[Dict[str, Any]]:
+    """The training state to continue from (``--resume_model FILE`` or ``--resume auto``), or None to start fresh.
+
+    Rank 0 decides which file (and whether there is one) and tells the others; every rank then reads that path on
+    its own filesystem. A rank without the file, or with a copy of another step, fails on every rank with one
+    line naming it -- rather than ranks starting at different steps and hanging in mismatched collectives.
+    """
+    choice = None
+    if env.is_main:
+        found = Path(resume_model) if resume_model else (find_resume_file(output_dir) if auto else None)
+        choice = str(found) if found is not None else None
+    choice = broadcast_object(env, choice)
+    if choice is None:
+        if auto and env.is_main:
+            logger.info("--resume auto: no training state in %s, starting fresh", output_dir)
+        return None
+    state, problem = None, None
+    try:
+        state = load_training_state(choice)
+    except ResumeError as e:
+        problem = str(e)
+    reports = all_gather_objects(env, (problem, None if state is None else int(state["global_step"]),
+                                       socket.gethostname()))
+    if reports[0][0] is not None:
+        raise ResumeError(reports[0][0])
+    bad = [f"rank {r} on {host}: {p}" for r, (p, _, host) in enumerate(reports) if p is not None]
+    if bad:
+        raise ResumeError(f"rank 0 resumes from {choice}, which other processes cannot read ({'; '.join(bad[:3])}"
+                          f"{' ...' if len(bad) > 3 else ''}); put --output_dir on a filesystem every node shares, "
+                          f"or copy the file to the same path on each node")
+    steps = {s for _, s, _ in reports}
+    if len(steps) > 1:
+        raise ResumeError(f"the copies of {choice} differ between nodes (optimizer steps "
+                          f"{sorted(steps)}); copy rank 0's file to every node")
+    return state
+
+
+# ---------------------------------------------------------------------------------------------- saving
+def save_training_state(output_dir: Optional[PathLike], *, model, optimizer, scheduler, scaler, position: Position,
+                        env: DistEnv, extra: Optional[Dict[str, Any]] = None) -> Optional[Path]:
+    """``OUTPUT_DIR/training_state.pt`` from rank 0, with every rank's RNG states (a collective: all ranks call
+    it). A write error (e.g. no space left) is raised on every rank."""
+    rngs = all_gather_objects(env, capture_rng_state())
+    if output_dir is None:
+        return None
+    path = Path(output_dir) / STATE_NAME
+
+    def write():
+        atomic_torch_save(make_training_state(model_sd=model.state_dict(), optimizer=optimizer, scheduler=scheduler,
+                                              scaler=scaler, epoch=position.epoch, micro_step=position.micro,
+                                              global_step=position.global_step, rng_states=rngs,
+                                              extra=dict(extra or {}, world_size=env.world_size)), path)
+    on_main_process(env, write)
+    return path
+
+
+def save_epoch_weights(output_dir: Optional[PathLike], model, epoch: int, env: DistEnv) -> Optional[Path]:
+    """``OUTPUT_DIR/pytorch_model.bin.{epoch}``: the plain model state dict (rank 0 writes, all ranks call)."""
+    if output_dir is None:
+        return None
+    path = Path(output_dir) / WEIGHTS_NAME.format(epoch=epoch)
+    on_main_process(env, lambda: atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()},
+                                                   path))
+    return path

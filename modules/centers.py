@@ -15,8 +15,8 @@ GUMBEL_TAU = 0.9
 
 
 def sample_gumbel(like: torch.Tensor) -> torch.Tensor:
-    """Gumbel(0, 1) noise shaped like ``like``."""
-    return -torch.empty_like(like, dtype=torch.float32).exponential_().log().to(like.dtype)
+    """Gumbel(0, 1) noise shaped like ``like``, in fp32."""
+    return -torch.empty_like(like, dtype=torch.float32).exponential_().log()
 
 
 class CrossAttentionBlock(nn.Module):
@@ -71,20 +71,28 @@ class LearnableCenterBlock(nn.Module):
         xn = self.norm(x).transpose(1, 2)                                     # [B, W, L]
         k = self.k_ln(self.k_conv(xn).transpose(1, 2))                        # [B, L, W]
         v = self.v_conv(xn).transpose(1, 2)                                   # [B, L, W]
-        logits = q @ k.transpose(1, 2)                                        # [B, G, L], no scaling
+        hard_attn, soft_attn = self.assign(q, k, gumbel_noise)               # [B, G, L] fp32 both
 
-        soft_attn = logits.softmax(dim=1)                                     # over centers: each patch picks one
-        if self.training:
-            noise = sample_gumbel(logits) if gumbel_noise is None else gumbel_noise.to(logits)
-            soft = ((logits + noise) / GUMBEL_TAU).softmax(dim=1)
-        else:
-            soft = soft_attn
-        hard = torch.zeros_like(soft).scatter_(1, soft.argmax(dim=1, keepdim=True), 1.0)
-        hard_attn = hard - soft.detach() + soft                               # straight-through estimator
-
-        out = (hard_attn @ v) / hard_attn.sum(dim=-1, keepdim=True).clamp(min=1)   # mean of assigned patches
-        groups = self.proj_o(q + out)                                         # [B, G, W]
+        out = (hard_attn.to(v.dtype) @ v) / hard_attn.sum(dim=-1, keepdim=True).clamp(min=1).to(v.dtype)
+        groups = self.proj_o(q + out)                                         # [B, G, W], mean of assigned patches
         return groups, hard_attn, soft_attn
+
+    def assign(self, q: torch.Tensor, k: torch.Tensor, gumbel_noise: Optional[torch.Tensor] = None
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Hard (straight-through) and soft assignment of patches to centers, q [B, G, W], k [B, L, W] ->
+        hard_attn, soft_attn [B, G, L], always in fp32 outside autocast: the logits are unscaled sums over W, and
+        in bf16 a ViT-B has ties and flipped argmaxes on a few percent of its patches."""
+        with torch.autocast(q.device.type, enabled=False):
+            logits = q.float() @ k.float().transpose(1, 2)                    # [B, G, L], no scaling
+            soft_attn = logits.softmax(dim=1)                                 # over centers: each patch picks one
+            if self.training:
+                noise = sample_gumbel(logits) if gumbel_noise is None else gumbel_noise.float()
+                soft = ((logits + noise) / GUMBEL_TAU).softmax(dim=1)
+            else:
+                soft = soft_attn
+            hard = torch.zeros_like(soft).scatter_(1, soft.argmax(dim=1, keepdim=True), 1.0)
+            hard_attn = hard - soft.detach() + soft                           # straight-through estimator
+        return hard_attn, soft_attn
 
 
 class ReconstructLayer(nn.Module):

@@ -135,7 +135,10 @@ class CLIP(nn.Module):
         B, T = token_ids.shape
         if T > self.context_length:
             raise ValueError(f"{T} tokens exceed the context length {self.context_length}")
-        if token_ids.numel() and (token_ids.min() < 0 or token_ids.max() >= self.vocab_size):
+        # Value check only where it is free: on a GPU it would stall the stream every forward, and ids from the
+        # tokenizer (tokenize_captions) are in range by construction.
+        if token_ids.device.type == "cpu" and token_ids.numel() and (token_ids.min() < 0
+                                                                     or token_ids.max() >= self.vocab_size):
             raise ValueError(f"token ids must lie in [0, {self.vocab_size}); got min {int(token_ids.min())}, "
                              f"max {int(token_ids.max())}")
         x = self.token_embedding(token_ids) + self.positional_embedding[:T]
@@ -261,15 +264,14 @@ class SegCLIP(nn.Module):
         return self.clip.logit_scale.exp().clamp(max=100)
 
     # ------------------------------------------------------------------ training
-    def compute_losses(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], images: torch.Tensor,
-                       superpixels: Optional[torch.Tensor] = None,
+    def compute_losses(self, input_ids: torch.Tensor, images: torch.Tensor, superpixels: Optional[torch.Tensor] = None,
                        gumbel_noise: Optional[Sequence[Optional[torch.Tensor]]] = None,
                        mae_noise: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        """design.md §4.  input_ids / attention_mask [B, T]; images [B, 3, H, W]; superpixels [B, h, w] patch labels;
+        """design.md §4.  input_ids [B, T]; images [B, 3, H, W]; superpixels [B, h, w] patch labels;
         gumbel_noise = (full pass [B, G, L], MAE pass [B, G, K]); mae_noise [B, 1+L].
 
-        Returns 'contrastive', 'kl', 'mae' (the terms that are on) and 'total'. The text tower does not use
-        ``attention_mask``: CLIP's causal mask and EOT pooling ignore padding already.
+        Returns 'contrastive', 'kl', 'mae' (the terms that are on) and 'total'. No attention mask: CLIP's causal
+        mask and EOT pooling ignore the padding already. The loss functions run in fp32 outside autocast.
         """
         full_noise, mae_pass_noise = (gumbel_noise if gumbel_noise is not None else (None, None))
         visual = self.clip.visual

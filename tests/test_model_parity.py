@@ -36,7 +36,7 @@ def test_text_embeddings(reference, tiny_model):
 def _train_losses(reference, model):
     t, inputs = reference["train"], reference["train_inputs"]
     return model.compute_losses(
-        reference["train_text"]["input_ids"], reference["train_text"]["attention_mask"], inputs["image"][:, 0],
+        reference["train_text"]["input_ids"], inputs["image"][:, 0],
         superpixels=inputs["image_seg"][:, 0], gumbel_noise=(t["gumbel_samples"][0], t["gumbel_samples"][1]),
         mae_noise=t["mae_noise"])
 
@@ -69,11 +69,11 @@ def test_random_draws_are_sampled_when_not_given(reference):
     model = SegCLIP.from_state_dict(reference["segclip_state_dict"]).train()
     inputs = reference["train_inputs"]
     torch.manual_seed(0)
-    a = model.compute_losses(reference["train_text"]["input_ids"], None, inputs["image"][:, 0], inputs["image_seg"][:, 0])
+    a = model.compute_losses(reference["train_text"]["input_ids"], inputs["image"][:, 0], inputs["image_seg"][:, 0])
     torch.manual_seed(0)
-    b = model.compute_losses(reference["train_text"]["input_ids"], None, inputs["image"][:, 0], inputs["image_seg"][:, 0])
+    b = model.compute_losses(reference["train_text"]["input_ids"], inputs["image"][:, 0], inputs["image_seg"][:, 0])
     torch.manual_seed(1)
-    c = model.compute_losses(reference["train_text"]["input_ids"], None, inputs["image"][:, 0], inputs["image_seg"][:, 0])
+    c = model.compute_losses(reference["train_text"]["input_ids"], inputs["image"][:, 0], inputs["image_seg"][:, 0])
     assert torch.isfinite(a["total"])
     assert a["mae"].item() == b["mae"].item()
     assert a["mae"].item() != c["mae"].item()

@@ -35,7 +35,7 @@ GRAD_WORKER = textwrap.dedent("""
             super().__init__()
             self.m = m
         def forward(self, ids, images, noise):
-            return self.m.compute_losses(ids, None, images, gumbel_noise=(noise, None))["contrastive"]
+            return self.m.compute_losses(ids, images, gumbel_noise=(noise, None))["contrastive"]
 
     ddp = torch.nn.parallel.DistributedDataParallel(Contrastive(model), find_unused_parameters=True)
     inp = torch.load(out + ".inputs.pt", weights_only=True)
@@ -78,7 +78,7 @@ def test_ddp_global_contrastive_gradient_equals_single_process(reference, repo_r
     ddp_grads = torch.load(out, weights_only=True)
 
     model = SegCLIP.from_state_dict(reference["segclip_state_dict"], use_vision_mae_recon=False).train()
-    loss = model.compute_losses(inputs["ids"], None, inputs["images"], gumbel_noise=(inputs["noise"], None))
+    loss = model.compute_losses(inputs["ids"], inputs["images"], gumbel_noise=(inputs["noise"], None))
     loss["contrastive"].backward()
     single = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert set(single) == set(ddp_grads)

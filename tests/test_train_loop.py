@@ -13,7 +13,8 @@ from engine.distributed import DistEnv
 from engine.optimization import OptimConfig, apply_freezing, build_optimizer
 from engine.train_state import (STATE_NAME, ResumeError, atomic_torch_save, find_resume_file, load_training_state,
                                  make_training_state)
-from engine.training import GlobalBatchSampler, TrainConfig, check_batch_layout, train
+from engine.loaders import GlobalBatchSampler
+from engine.training import TrainConfig, check_batch_layout, train
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
