@@ -8,7 +8,7 @@ logged, so one bad record cannot stop a multi-day run.
 import json
 import logging
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch

@@ -42,14 +42,13 @@ def autocast(amp: str, device: torch.device) -> ContextManager:
 
 
 def allow_tf32(amp: str, device: torch.device, enabled: bool = True) -> Optional[str]:
-    """With ``--amp off`` on a GPU with TF32 tensor cores (8.0+), let fp32 matmuls and convolutions use them
-    (10-bit mantissa inputs, fp32 accumulation). Returns a line for the log, None when nothing applies."""
+    """With ``--amp off`` on a GPU with TF32 tensor cores (8.0+), let fp32 matmuls use them (10-bit mantissa
+    inputs, fp32 accumulation). Returns a line for the log, None when nothing applies."""
     if device.type != "cuda" or amp != "off":
         return None
     if not cuda_has_native_bf16(device):      # TF32 arrived with bf16, in Ampere
         return None
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    torch.backends.cudnn.allow_tf32 = enabled
+    torch.set_float32_matmul_precision("high" if enabled else "highest")   # cuDNN convolutions: TF32 by default
     if enabled:
         return "fp32 matmuls use TF32 tensor cores on this GPU (--no_tf32 for full fp32 products)"
     return "TF32 off (--no_tf32): full fp32 matmuls"

@@ -177,15 +177,15 @@ def load_resume_state(env: DistEnv, output_dir: Optional[PathLike], resume_model
                       auto: bool = False) -> Optional[Dict[str, Any]]:
     """The training state to continue from (``--resume_model FILE`` or ``--resume auto``), or None to start fresh.
 
-    Rank 0 decides which file (and whether there is one) and tells the others; every rank then reads that path on
-    its own filesystem. A rank without the file, or with a copy of another step, fails on every rank with one
+    With ``--resume auto`` rank 0 decides whether there is a state and tells the others; every rank then reads
+    ``OUTPUT_DIR/training_state.pt`` on its own filesystem. A rank without the file, or with a copy of another step, fails on every rank with one
     line naming it -- rather than ranks starting at different steps and hanging in mismatched collectives.
     """
-    choice = None
-    if env.is_main:
-        found = Path(resume_model) if resume_model else (find_resume_file(output_dir) if auto else None)
-        choice = str(found) if found is not None else None
-    choice = broadcast_object(env, choice)
+    if resume_model:
+        choice = str(resume_model)
+    else:                   # --resume auto: rank 0 decides whether there is a state; each rank reads its own copy
+        found = find_resume_file(output_dir) if (auto and env.is_main) else None
+        choice = str(Path(output_dir) / STATE_NAME) if broadcast_object(env, found is not None) else None
     if choice is None:
         if auto and env.is_main:
             logger.info("--resume auto: no training state in %s, starting fresh", output_dir)

@@ -1,0 +1,233 @@
+"""Training under faults: a second run on the same folder, SIGTERM mid-run, divergence, a full disk, temporaries of
+killed runs, a multi-node resume without a shared filesystem. Real subprocesses where the fault is a process's."""
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from common.fileio import OutputError
+from engine.distributed import DistEnv
+from engine.metrics import METRICS_NAME, read_metrics
+from engine.run_lock import LOCK_NAME, RunLock, RunLockError
+from engine.stopping import DivergenceError
+from engine.train_state import STATE_NAME, find_resume_file, load_training_state
+from engine.training import train
+from tests.test_train_loop import RandomPairs, cfg_for, make_model, tiny_clip_file, tiny_store  # noqa: F401
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def _train_args(clip_file, store, out, *extra):
+    return [sys.executable, "main_task_align.py", "--do_pretrain", "--datatype", "cc", "--cc_store", str(store),
+            "--pretrained_clip_name", str(clip_file), "--batch_size", "2", "--max_words", "16",
+            "--num_thread_reader", "0", "--no_progress", "--n_display", "1", "--output_dir", str(out), *extra]
+
+
+# ---------------------------------------------------------------------------------------------- run lock
+@pytest.fixture()
+def live_process():
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def _write_lock(folder, pid, host=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / LOCK_NAME).write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(), "started": 0}))
+
+
+def test_second_run_on_an_output_dir_is_refused(repo_root, tmp_path, live_process, tiny_clip_file, tiny_store):
+    out = tmp_path / "run"
+    _write_lock(out, live_process.pid)
+    (out / "log.txt").write_text("the first run's log\n")
+    p = subprocess.run(_train_args(tiny_clip_file, tiny_store, out, "--epochs", "1"), cwd=repo_root, env=_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stdout + p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"in use by another training run (pid {live_process.pid} on" in lines[0], p.stderr
+    assert "Traceback" not in p.stdout + p.stderr
+    assert (out / "log.txt").read_text() == "the first run's log\n"      # not touched
+    assert json.loads((out / LOCK_NAME).read_text())["pid"] == live_process.pid
+
+
+def test_stale_lock_is_taken_over_and_other_hosts_are_respected(tmp_path, caplog):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    _write_lock(tmp_path, int(dead))
+    with RunLock(tmp_path) as lock:
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid() and lock.held
+    assert "took over the stale run lock of pid " + dead in caplog.text
+    assert not (tmp_path / LOCK_NAME).exists()               # released
+    _write_lock(tmp_path, 1, host="some-other-node")
+    with pytest.raises(RunLockError, match=f"some-other-node.*delete {tmp_path / LOCK_NAME}"):
+        RunLock(tmp_path).acquire()
+    (tmp_path / LOCK_NAME).write_text("{not json")             # a damaged lock shows no live owner
+    RunLock(tmp_path).acquire().release()
+
+
+# ---------------------------------------------------------------------------------------------- signals
+def _read_until(proc, needle, timeout):
+    t0, seen = time.time(), []
+    while time.time() - t0 < timeout:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if needle in line:
+            return "".join(seen)
+    raise AssertionError(f"never saw {needle!r}; output:\n{''.join(seen)[-3000:]}")
+
+
+def test_sigterm_saves_state_and_resume_continues(repo_root, tmp_path, tiny_clip_file, tiny_store):
+    """SIGTERM to a real training process: it finishes the step, saves the training state, logs it and exits 143
+    without a traceback; --resume auto continues at that step."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_train_args(tiny_clip_file, tiny_store, out, "--epochs", "50"), cwd=repo_root, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _read_until(proc, "(global 2/", timeout=240)
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, rest[-3000:]
+    assert "SIGTERM received: stopping after this step" in rest and "Traceback" not in rest
+    state = load_training_state(out / STATE_NAME)
+    step = state["global_step"]
+    assert step >= 2 and f"stopping after optimizer step {step} (SIGTERM)" in rest
+    assert not (out / LOCK_NAME).exists()
+    p = subprocess.run(_train_args(tiny_clip_file, tiny_store, out, "--epochs", "50", "--resume", "auto",
+                                   "--stop_after_steps", str(step + 1)), cwd=repo_root, env=_env(),
+                       capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert f"optimizer step {step}/200" in p.stdout and f"resuming at epoch {state['epoch'] + 1}" in p.stdout
+    assert load_training_state(out / STATE_NAME)["global_step"] == step + 1
+    assert [r["step"] for r in read_metrics(out / METRICS_NAME, "step")] == list(range(1, step + 2))
+
+
+# ---------------------------------------------------------------------------------------------- divergence
+def test_divergence_stops_and_keeps_the_last_good_state(reference, tmp_path):
+    """From step 3 on every batch is NaN: steps 3 and 4 are skipped, then the run stops (limit 2) with a clear
+    error; the state of step 2 stays the latest, no weights file of the diverged epoch is written."""
+    class Diverging(RandomPairs):
+        def __getitem__(self, i):
+            item = super().__getitem__(i)
+            Diverging.fetched = getattr(Diverging, "fetched", 0) + 1
+            if Diverging.fetched > 4:                # batch 2: items 5.. belong to steps 3..
+                item["image"] = item["image"] * float("nan")
+            return item
+    cfg = cfg_for(tmp_path, batch_size=2, epochs=1, save_every_steps=1, max_nonfinite_steps=2)
+    with pytest.raises(DivergenceError, match=r"2 consecutive optimizer steps \(3-4\) had a non-finite loss.*"
+                                              r"optimizer step 2\) is from before them.*Lower --lr"):
+        train(make_model(reference["clip_state_dict"]), Diverging(12), cfg, DistEnv())
+    assert load_training_state(find_resume_file(tmp_path))["global_step"] == 2
+    assert not list(tmp_path.glob("pytorch_model.bin.*"))
+
+
+def test_lr_1e30_stops_with_one_clear_line(repo_root, tmp_path, tiny_clip_file, tiny_store):
+    out = tmp_path / "run"
+    p = subprocess.run(_train_args(tiny_clip_file, tiny_store, out, "--epochs", "2", "--lr", "1e30",
+                                   "--max_nonfinite_steps", "2"), cwd=repo_root, env=_env(), capture_output=True,
+                       text=True, timeout=240)
+    assert p.returncode == 2, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "consecutive optimizer steps" in p.stdout and "non-finite loss or gradient" in p.stdout
+    assert "Traceback" not in p.stdout + p.stderr
+    assert not list(out.glob("pytorch_model.bin.*")) and not (out / STATE_NAME).exists()   # nothing garbage saved
+
+
+# ---------------------------------------------------------------------------------------------- disk
+def test_full_disk_while_saving_says_no_space_left(reference, tmp_path, monkeypatch):
+    (tmp_path / f".{STATE_NAME}.tmp-999999999").write_bytes(b"left by a killed run")
+    (tmp_path / f".pytorch_model.bin.0.tmp-{os.getpid()}x").write_bytes(b"not ours: no pid suffix")
+
+    def full(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OutputError, match=f"no space left on the device while writing {tmp_path}/pytorch_model.bin.0"):
+        train(make_model(reference["clip_state_dict"]), RandomPairs(4), cfg_for(tmp_path, epochs=1), DistEnv())
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert not any(".tmp-9" in n for n in names)                     # the killed run's temporary: removed
+    assert not any(n.startswith(".pytorch_model.bin.0.tmp-") and n.endswith(str(os.getpid())) for n in names)
+    assert "pytorch_model.bin.0" not in names
+
+
+DISK_FULL_MAIN = textwrap.dedent("""
+    import errno, sys, torch
+    def full(obj, f, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    torch.save = full
+    import main_task_align
+    sys.exit(main_task_align.main(sys.argv[1:]))
+""")
+
+
+def test_full_disk_in_the_script_is_one_line(repo_root, tmp_path, tiny_clip_file, tiny_store):
+    script = tmp_path / "full_disk.py"
+    script.write_text(DISK_FULL_MAIN)
+    out = tmp_path / "run"
+    args = _train_args(tiny_clip_file, tiny_store, out, "--epochs", "1", "--stop_after_steps", "1")
+    p = subprocess.run([sys.executable, str(script)] + args[2:], cwd=repo_root, env=_env(), capture_output=True,
+                       text=True, timeout=240)
+    assert p.returncode == 2, p.stdout[-3000:] + p.stderr[-3000:]
+    assert f"no space left on the device while writing {out}/{STATE_NAME}" in p.stdout
+    assert "Traceback" not in p.stdout + p.stderr
+
+
+# ---------------------------------------------------------------------------------------------- multi-node resume
+RESUME_WORKER = textwrap.dedent("""
+    import sys
+    from engine.distributed import init_distributed, cleanup
+    from engine.train_state import load_resume_state, ResumeError
+    env = init_distributed(device="cpu")
+    out = sys.argv[1 + env.rank]                 # each "node" has its own output folder: no shared filesystem
+    try:
+        state = load_resume_state(env, out, auto=True)
+        print(f"rank {env.rank}: step {None if state is None else state['global_step']}", flush=True)
+    except ResumeError as e:
+        print(f"rank {env.rank} error: {e}", flush=True)
+    cleanup(env)
+""")
+
+
+def test_multinode_resume_auto_is_decided_by_rank_0(repo_root, tmp_path):
+    from engine.train_state import make_training_state
+    from common.fileio import atomic_torch_save
+    model = torch.nn.Linear(2, 2)
+    optim = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda k: 1.0)
+    for name, step in (("a", 5), ("b", 5), ("c", 3)):
+        atomic_torch_save(make_training_state(model_sd=model.state_dict(), optimizer=optim, scheduler=sched,
+                                              scaler=None, epoch=0, micro_step=step, global_step=step,
+                                              rng_states=[]), tmp_path / name / STATE_NAME)
+    (tmp_path / "empty").mkdir()
+    script = tmp_path / "worker.py"
+    script.write_text(RESUME_WORKER)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+
+    def run(dir0, dir1):
+        p = subprocess.run(torchrun + [str(tmp_path / dir0), str(tmp_path / dir1)], cwd=repo_root, env=_env(),
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        return sorted(line for line in p.stdout.splitlines() if line.startswith("rank "))
+    assert run("a", "b") == ["rank 0: step 5", "rank 1: step 5"]
+    assert run("empty", "a") == ["rank 0: step None", "rank 1: step None"]        # rank 0 says: start fresh
+    missing = run("a", "empty")
+    assert len(missing) == 2 and all("rank 1 on " in m and "not found" in m and "shares" in m for m in missing)
+    differ = run("a", "c")
+    assert len(differ) == 2 and all("differ between nodes (optimizer steps [3, 5])" in m for m in differ)
