@@ -8,7 +8,7 @@ logged, so one bad record cannot stop a multi-day run.
 import json
 import logging
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -224,3 +224,8 @@ def is_legacy_cc3m(root) -> bool:
 
 def is_legacy_coco(root) -> bool:
     return (Path(root) / "coco_train2014.pkl").is_file()
+
+
+def skipped_counts(datasets: List[CaptionImageDataset]) -> dict:
+    """{name: corrupt images skipped} for the datasets of this process (for logs at epoch end)."""
+    return {d.name: d.skipped for d in datasets}

@@ -23,7 +23,7 @@ from .train_state import Position, capture_rng_state, restore_rng_state, save_ep
 logger = logging.getLogger("segclip.train")
 
 # An item may say how many corrupt samples the dataset replaced to produce it (summed per epoch, all ranks).
-SKIPPED_SAMPLES_KEY = "skipped_samples"
+SKIPPED_SAMPLES_KEY = "skipped"
 
 
 @dataclass

@@ -59,11 +59,11 @@ def test_metrics_jsonl_and_tensorboard_across_a_resume(reference, tmp_path):
 
 
 def test_corrupt_sample_counts_are_summed_per_epoch_over_workers(reference, tmp_path, caplog):
-    """Items that report replaced corrupt samples (``skipped_samples``): one total per epoch over both loader
+    """Items that report replaced corrupt samples (``skipped``, as dataloaders.datasets does): one total per epoch over both loader
     workers, in the log and in metrics.jsonl."""
     class Reporting(RandomPairs):
         def __getitem__(self, i):
-            return dict(super().__getitem__(i), skipped_samples=torch.tensor(2 if i in (1, 6) else 0))
+            return dict(super().__getitem__(i), skipped=2 if i in (1, 6) else 0)
 
     train(make_model(reference["clip_state_dict"]), Reporting(8), cfg_for(tmp_path, batch_size=4, epochs=1,
                                                                            num_workers=2), DistEnv())
