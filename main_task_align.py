@@ -26,8 +26,9 @@ from seg_segmentation.classes import DATASET_CLASSES
 from seg_segmentation.datasets import resolve_data_root
 
 logger = logging.getLogger("segclip.train")
-error_log = logging.getLogger("segclip.train.error")   # log.txt only
+error_log = logging.getLogger("segclip.train.error")   # log.txt only (nothing before log.txt is open)
 error_log.propagate = False
+error_log.addHandler(logging.NullHandler())
 
 
 def build_parser():
@@ -135,7 +136,7 @@ def setup_logging(output_dir: str, is_main: bool) -> None:
     reaches stderr through cli.run_main)."""
     root = logging.getLogger()
     root.handlers.clear()
-    error_log.handlers.clear()
+    error_log.handlers[:] = [logging.NullHandler()]
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%m/%d %H:%M:%S")
     stream = logging.StreamHandler(sys.stdout)
     stream.setFormatter(fmt)

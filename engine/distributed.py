@@ -40,17 +40,6 @@ class DistEnv:
         return self.backend is not None
 
 
-def add_distributed_args(parser) -> None:
-    """``--local_rank`` / ``--local-rank`` (both spellings of torch.distributed.launch) and ``--device``."""
-    parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
-                        help="set by torch.distributed.launch; LOCAL_RANK from torchrun is used when absent")
-    parser.add_argument("--device", default=None,
-                        help="'cuda' or 'cpu' (default: cuda when available, else cpu); each process uses "
-                             "cuda:LOCAL_RANK")
-    parser.add_argument("--dist_backend", default=None, choices=["nccl", "gloo"],
-                        help="process-group backend (default: nccl on CUDA, gloo on CPU)")
-
-
 def resolve_local_rank(local_rank_arg: Optional[int] = None) -> int:
     """The local rank from the flag, else the LOCAL_RANK variable, else 0."""
     if local_rank_arg is not None and local_rank_arg >= 0:

@@ -278,7 +278,8 @@ class Trainer:
         steps = tally.steps + tally.skipped
         self.metrics.write(dict(type="epoch", epoch=epoch, step=self.pos.global_step, steps=steps,
                                 loss=tally.means(), skipped_steps=tally.skipped, skipped_samples=corrupt,
-                                seconds=round(seconds, 3), samples_per_s=steps * self.cfg.batch_size / max(seconds, 1e-9),
+                                seconds=round(seconds, 3),
+                                samples_per_s=steps * self.cfg.batch_size / max(seconds, 1e-9),
                                 eval=self.eval_results.get(epoch)))
 
     def evaluate(self, epoch: int) -> Dict[str, float]:

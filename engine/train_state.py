@@ -178,8 +178,9 @@ def load_resume_state(env: DistEnv, output_dir: Optional[PathLike], resume_model
     """The training state to continue from (``--resume_model FILE`` or ``--resume auto``), or None to start fresh.
 
     With ``--resume auto`` rank 0 decides whether there is a state and tells the others; every rank then reads
-    ``OUTPUT_DIR/training_state.pt`` on its own filesystem. A rank without the file, or with a copy of another step, fails on every rank with one
-    line naming it -- rather than ranks starting at different steps and hanging in mismatched collectives.
+    ``OUTPUT_DIR/training_state.pt`` on its own filesystem. A rank without the file, or with a copy of another
+    step, fails on every rank with one line naming it -- rather than ranks starting at different steps and hanging
+    in mismatched collectives.
     """
     if resume_model:
         choice = str(resume_model)

@@ -59,8 +59,8 @@ def test_metrics_jsonl_and_tensorboard_across_a_resume(reference, tmp_path):
 
 
 def test_corrupt_sample_counts_are_summed_per_epoch_over_workers(reference, tmp_path, caplog):
-    """Items that report replaced corrupt samples (``skipped``, as dataloaders.datasets does): one total per epoch over both loader
-    workers, in the log and in metrics.jsonl."""
+    """Items that report replaced corrupt samples (``skipped``, as dataloaders.datasets does): one total per epoch
+    over both loader workers, in the log and in metrics.jsonl."""
     class Reporting(RandomPairs):
         def __getitem__(self, i):
             return dict(super().__getitem__(i), skipped=2 if i in (1, 6) else 0)

@@ -277,10 +277,10 @@ def test_batch_not_divisible_by_processes_under_torchrun(repo_root, tmp_path, ti
 
 
 def test_local_rank_spellings(monkeypatch):
-    import argparse
-    from engine.distributed import add_distributed_args, init_distributed, resolve_local_rank
-    p = argparse.ArgumentParser()
-    add_distributed_args(p)
+    from common.cli import add_runtime_args, make_parser
+    from engine.distributed import init_distributed, resolve_local_rank
+    p = make_parser(config=False)
+    add_runtime_args(p)
     assert p.parse_args(["--local-rank=1"]).local_rank == 1          # torch.distributed.launch (torch >= 2)
     assert p.parse_args(["--local_rank", "3"]).local_rank == 3       # the 2022 spelling
     monkeypatch.setenv("LOCAL_RANK", "2")                             # torchrun
