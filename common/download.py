@@ -2,25 +2,29 @@
 
 Downloads stream into a hidden temporary file next to the destination and are moved into place with an atomic
 rename only after they are complete and verified, so an interrupted or corrupt download never leaves a file that
-looks usable. Where the network is unavailable the error says which URL to fetch and where to put the file.
+looks usable; temporaries of killed downloads are removed by the next one. Processes sharing a cache download a
+file once (a lock file; the others wait). Where the network is unavailable the error says which URL to fetch and
+where to put the file.
 
 Cache directory: the ``cache_dir`` argument, else the ``SEGCLIP_CACHE`` environment variable, else ``checkpoints/``
 in this repository. ``SEGCLIP_OFFLINE=1`` forbids downloads altogether (a clear error instead).
 """
+import contextlib
+import fcntl
 import hashlib
 import http.client
 import os
 import shlex
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Callable, Dict, Optional, Union
+from typing import Callable, Dict, Iterator, Optional, Union
 
 from tqdm import tqdm
 
-from common.errors import MissingFileError, SegCLIPError
+from common.errors import MissingFileError, SegCLIPError, brief
+from common.fileio import OutputError, atomic_open, remove_stale_temporaries
 
 SEGCLIP_URL = "https://github.com/ArrowLuo/SegCLIP/releases/download/checkpoint_v0/segclip.bin"
 SEGCLIP_FILENAME = "segclip.bin"
@@ -67,64 +71,119 @@ def sha256_from_url(url: str) -> str:
 def download_file(url: str, dest: PathLike, sha256: Optional[str] = None,
                   verify: Optional[Callable[[Path], None]] = None, timeout: float = 30.0,
                   progress: bool = True) -> Path:
-    """Stream ``url`` into ``dest`` (a temp file in dest's folder, then an atomic rename).
+    """Stream ``url`` into ``dest`` (a temporary file in dest's folder, then an atomic rename).
 
     sha256: expected hex digest, checked on the streamed bytes. verify: called on the complete temporary file,
     raises to reject it. On any failure nothing is left at ``dest`` or in its folder and DownloadError is raised.
+    Processes sharing the cache (the ranks of a ``torchrun`` job) download once: one holds a lock on the
+    destination while it downloads, the others wait and then find the file. Temporaries of killed downloads are
+    removed first.
     """
     dest = Path(dest)
-    how = f"Download it by hand with:\n    {manual_command(url, dest)}"
+    how = f"download it by hand with: {manual_command(url, dest)}"
     if os.environ.get(OFFLINE_ENV, "").strip() not in ("", "0"):
-        raise DownloadError(f"{dest} is missing and downloads are disabled ({OFFLINE_ENV} is set).\n{how}")
+        raise DownloadError(f"{dest} is missing and downloads are disabled ({OFFLINE_ENV} is set); {how}")
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise DownloadError(f"cannot create {dest.parent}: {e}\n{how}") from None
-    print(f"downloading {url} -> {dest}", flush=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
-    try:
-        digest = hashlib.sha256()
-        received = 0
+        raise DownloadError(f"cannot create the cache folder {dest.parent} ({e.strerror or e}); set {CACHE_ENV} "
+                            f"or --cache_dir to a writable folder, or {how}") from None
+    with _exclusive(dest, how):
+        remove_stale_temporaries(dest.parent)
+        if dest.is_file():                      # another process finished it while this one waited
+            return dest
+        print(f"downloading {url} -> {dest}", flush=True)
         try:
-            request = urllib.request.Request(url, headers={"User-Agent": "segclip-download"})
-            with os.fdopen(fd, "wb") as f, urllib.request.urlopen(request, timeout=timeout) as response:
-                length = response.headers.get("Content-Length")
-                total = int(length) if length and length.isdigit() else None
-                with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
-                          desc=dest.name) as bar:
-                    while True:
-                        chunk = response.read(1 << 20)
-                        if not chunk:
-                            break
-                        f.write(chunk)
-                        digest.update(chunk)
-                        received += len(chunk)
-                        bar.update(len(chunk))
-        except (OSError, http.client.HTTPException, ValueError) as e:
-            # OSError covers URLError/HTTPError (offline, refused, 404) and resets; HTTPException covers
-            # IncompleteRead when the server drops the connection mid-body.
-            reason = f"HTTP {e.code} {e.reason}" if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", e)
-            raise DownloadError(f"could not download {url}: {type(e).__name__}: {reason}\n{how}") from None
-        if total is not None and received != total:
-            # A server that drops the connection mid-body may end the stream without an exception.
-            raise DownloadError(f"download of {url} was cut off after {received} of {total} bytes.\n{how}")
-        if received == 0:
-            raise DownloadError(f"download of {url} returned no data.\n{how}")
-        if sha256 is not None and digest.hexdigest() != sha256.lower():
-            raise DownloadError(f"checksum mismatch for {url}: expected SHA-256 {sha256}, got {digest.hexdigest()}; "
-                                f"the file was removed.\n{how}")
-        if verify is not None:
-            try:
-                verify(tmp)
-            except Exception as e:
-                raise DownloadError(f"the file downloaded from {url} is not valid ({e}); it was removed.\n{how}") \
-                    from None
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+            with atomic_open(dest, "wb") as f:
+                digest = _stream(url, f, timeout, progress, dest.name, how)
+                if sha256 is not None and digest != sha256.lower():
+                    raise DownloadError(f"checksum mismatch for {url}: expected SHA-256 {sha256}, got {digest}; "
+                                        f"the file was removed; {how}")
+                if verify is not None:
+                    f.flush()
+                    try:
+                        verify(Path(f.name))
+                    except Exception as e:  # noqa: BLE001 - any reason to reject the file is reported the same way
+                        raise DownloadError(f"the file downloaded from {url} is not valid ({e}); it was removed; "
+                                            f"{how}") from None
+        except OutputError as e:               # the cache is read-only or full
+            raise DownloadError(f"{e}; set {CACHE_ENV} or --cache_dir to a writable folder, or {how}") from None
     return dest
+
+
+def _stream(url: str, f, timeout: float, progress: bool, desc: str, how: str) -> str:
+    """Write ``url``'s body to ``f``; returns its SHA-256 hex digest. Network failures -> DownloadError."""
+    digest = hashlib.sha256()
+    received, total = 0, None
+    try:
+        request = urllib.request.Request(url, headers={"User-Agent": "segclip-download"})
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
+                      desc=desc) as bar:
+                while True:
+                    try:
+                        chunk = response.read(1 << 20)
+                    except (OSError, http.client.HTTPException) as e:
+                        raise _NetworkError(e) from None
+                    if not chunk:
+                        break
+                    f.write(chunk)        # an OSError here is the disk's: atomic_open reports it as OutputError
+                    digest.update(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+    except (_NetworkError, urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError,
+            ValueError) as e:
+        # URLError/HTTPError: offline, refused, 404; HTTPException: IncompleteRead when the server hangs up mid-body
+        e = e.error if isinstance(e, _NetworkError) else e
+        reason = f"HTTP {e.code} {e.reason}" if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", e)
+        raise DownloadError(f"could not download {url}: {type(e).__name__}: {reason}; {how}") from None
+    if total is not None and received != total:
+        # A server that drops the connection mid-body may end the stream without an exception.
+        raise DownloadError(f"download of {url} was cut off after {received} of {total} bytes; {how}")
+    if received == 0:
+        raise DownloadError(f"download of {url} returned no data; {how}")
+    return digest.hexdigest()
+
+
+class _NetworkError(Exception):
+    """Carries an exception of the response stream past atomic_open, which would take an OSError for the disk's."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
+@contextlib.contextmanager
+def _exclusive(dest: Path, how: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``.<dest name>.lock`` in dest's folder; wait (saying so) while another process
+    holds it. The lock file is removed on release; a waiter that locked a file already removed tries again."""
+    lock_path = dest.with_name(f".{dest.name}.lock")
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise DownloadError(f"cannot write into the cache folder {dest.parent} ({e.strerror or e}); set "
+                                f"{CACHE_ENV} or --cache_dir to a writable folder, or {how}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process downloading {dest}", flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            current = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock_path)
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -152,7 +211,7 @@ def _verify_segclip_file(path: Path, expected_keys: Optional[ExpectedKeys]) -> N
                 raise
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"not a loadable state dict: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+        raise ValueError(f"not a loadable state dict: {brief(e)}") from None
     if not isinstance(state_dict, dict):
         raise ValueError(f"holds a {type(state_dict).__name__}, not a state dict")
     if expected_keys is not None:

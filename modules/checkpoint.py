@@ -6,6 +6,7 @@ Every size of the model is inferred from the tensors.
 """
 import logging
 import os
+import re
 import zipfile
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Union
@@ -13,11 +14,13 @@ from typing import Dict, Mapping, Optional, Union
 import torch
 
 from common.download import resolve_clip_weights
+from common.errors import brief
+from common.fileio import TMP_MARK
 from .clip_formats import (ClipWeights, is_safetensors, is_torchscript, read_hf_folder, read_safetensors,
                            read_torchscript_state_dict, to_openai_layout)
 from .config import SegCLIPConfig
 from .modeling import SegCLIP
-from .state_dict import CLIP_EXTRA_KEYS, CheckpointError, as_state_dict, require_keys
+from .state_dict import CLIP_EXTRA_KEYS, CheckpointError, as_state_dict, check_finite, require_keys
 
 logger = logging.getLogger(__name__)
 
@@ -41,14 +44,59 @@ def load_state_dict_file(path: PathLike) -> Dict[str, torch.Tensor]:
         # memory-mapped (zip files, i.e. every torch.save since 1.6): pages are read as the tensors are used, and
         # a model built with take_ownership keeps them without a copy
         obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(
-            f"{path} is not a weights-only PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
-            "Expected a state dict saved with torch.save(model.state_dict(), path).") from e
+    except Exception as e:  # noqa: BLE001 - whatever torch raises, the file's bytes say what it is
+        raise unreadable_checkpoint(path, e) from e
     for key in WRAPPER_KEYS:
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
-    return as_state_dict(obj, source=str(path))
+    return check_finite(as_state_dict(obj, source=str(path)), source=str(path))
+
+
+_REDOWNLOAD = "delete it and download it again"
+
+
+def unreadable_checkpoint(path: Path, e: BaseException) -> CheckpointError:
+    """What a file that ``torch.load(weights_only=True)`` refused is, from its bytes: empty, an HTML page, a partial
+    download, a truncated archive, a pickle of Python objects, or something else; and what to do about it."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(1024)
+    except OSError as err:
+        return CheckpointError(f"{path} cannot be read ({err.strerror or err})")
+    low = head.lstrip().lower()
+    if size == 0:
+        return CheckpointError(f"{path} is empty (0 bytes), left by an interrupted download or copy; {_REDOWNLOAD}")
+    if low.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head")) or b"<html" in low[:512]:
+        return CheckpointError(f"{path} is an HTML page ({size:,} bytes), not a checkpoint: the download saved an "
+                               f"error or sign-in page instead of the file; {_REDOWNLOAD}")
+    if path.name.endswith(".part") or TMP_MARK in path.name:
+        return CheckpointError(f"{path} is the temporary file of an unfinished download ({size:,} bytes); "
+                               f"{_REDOWNLOAD}")
+    if head.startswith(b"PK\x03\x04") and not zipfile.is_zipfile(path):
+        return CheckpointError(f"{path} is truncated ({size:,} bytes; the end of the archive is missing), left by "
+                               f"an interrupted download or copy; {_REDOWNLOAD}")
+    text = str(e)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return CheckpointError(f"{path} holds Python objects (such as {found.group(1)}), not only tensors; reading "
+                               "them could run code, so the file is not loaded. Save the weights alone, with "
+                               "torch.save(model.state_dict(), path)")
+    refused = "Weights only load failed" in text        # torch's safe reader met something it does not read
+    if head[:1] == b"\x80":      # a pickle protocol byte: the pre-zip torch.save format, or plain pickle.dump
+        if refused:
+            return CheckpointError(f"{path} is a pickle that is not a weights-only PyTorch checkpoint (written by "
+                                   "pickle itself, or holding Python objects); reading it could run code, so it is "
+                                   "not loaded. Save the weights with torch.save(model.state_dict(), path)")
+        return CheckpointError(f"{path} is truncated or damaged ({size:,} bytes; {brief(e)}); {_REDOWNLOAD}")
+    if head.startswith(b"PK\x03\x04"):
+        return CheckpointError(f"{path} is a damaged archive ({size:,} bytes; {brief(e)}); {_REDOWNLOAD}")
+    if refused:
+        return CheckpointError(f"{path} is not a weights-only PyTorch checkpoint ({size:,} bytes that torch.load "
+                               "cannot read as tensors). Expected a state dict saved with "
+                               "torch.save(model.state_dict(), path)")
+    return CheckpointError(f"{path} is not a weights-only PyTorch checkpoint ({brief(e)}). Expected a state dict "
+                           "saved with torch.save(model.state_dict(), path)")
 
 
 # ---------------------------------------------------------------------------------------------- OpenAI CLIP

@@ -4,7 +4,7 @@ from typing import Mapping, Optional
 
 import torch
 
-from .state_dict import count_indices, require_keys
+from .state_dict import count_indices, refuse_clip_layout, require_keys
 
 
 @dataclass
@@ -50,6 +50,7 @@ class SegCLIPConfig:
 
 def config_from_state_dict(sd: Mapping[str, torch.Tensor], use_vision_mae_recon: Optional[bool] = None, **overrides):
     """Infer a SegCLIPConfig from a SegCLIP state dict (2022 names)."""
+    refuse_clip_layout(sd, "the checkpoint")
     require_keys(sd, "clip.visual.conv1.weight", "clip.visual.positional_embedding", "clip.text_projection",
              "clip.token_embedding.weight", "clip.positional_embedding", "clip.ln_final.weight",
              "clip.visual.transformer.semantic_layer2.semantic_center")

@@ -31,6 +31,27 @@ def as_state_dict(obj, source: str = "state dict") -> Dict[str, torch.Tensor]:
     return dict(obj)
 
 
+def check_finite(sd: Mapping[str, torch.Tensor], source: str = "state dict") -> Dict[str, torch.Tensor]:
+    """``sd`` unchanged, or CheckpointError naming the first tensor with NaN or inf values (such weights make every
+    prediction the same class without any error)."""
+    for k, v in sd.items():
+        if v.is_floating_point() or v.is_complex():
+            bad = ~torch.isfinite(v)
+            if bool(bad.any()):
+                nan = int(torch.isnan(v).sum())
+                raise CheckpointError(f"{source}: tensor {k} holds {nan} NaN and {int(bad.sum()) - nan} inf values "
+                                      f"of {v.numel()}; the weights are damaged (or were saved after training "
+                                      "diverged): use another checkpoint")
+    return dict(sd)
+
+
+def refuse_clip_layout(sd: Mapping[str, torch.Tensor], source: str = "state dict") -> None:
+    """CheckpointError when ``sd`` is an OpenAI CLIP state dict where a SegCLIP checkpoint belongs."""
+    if "visual.conv1.weight" in sd and not any(k.startswith("clip.") for k in sd):
+        raise CheckpointError(f"{source} is an OpenAI CLIP state dict (keys such as visual.conv1.weight), not a "
+                              "SegCLIP checkpoint: CLIP weights are given with --pretrained_clip_name")
+
+
 def count_indices(sd: Mapping[str, torch.Tensor], pattern: str) -> int:
     rx = re.compile(pattern)
     return len({m.group(1) for k in sd for m in [rx.match(k)] if m})
@@ -58,6 +79,8 @@ def load_into(model: nn.Module, sd: Mapping[str, torch.Tensor], strict: bool = T
     - for a model built on the meta device, which then owns them; every key must be present.
     ``vis_mae_decoder.*`` in the file is ignored when the model has no decoder (MAE branch off)."""
     own = model.state_dict()
+    if "clip.visual.conv1.weight" in own:        # a SegCLIP model (plain CLIP models take CLIP's own layout)
+        refuse_clip_layout(sd, "the checkpoint")
     has_decoder = any(k.startswith("vis_mae_decoder.") for k in own)
     sd = {k: v for k, v in sd.items() if has_decoder or not k.startswith("vis_mae_decoder.")}
     missing = sorted(set(own) - set(sd))
