@@ -26,8 +26,7 @@ def test_python_api_block_runs(repo_root, reference, tiny_checkpoint, tmp_path, 
     monkeypatch.setenv("SEGCLIP_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("SEGCLIP_OFFLINE", "1")
     # What the block takes as given: a batch of normalised images and tokenised captions.
-    ns = {"images": reference["images"], "input_ids": reference["train_text"]["input_ids"],
-          "attention_mask": reference["train_text"]["attention_mask"]}
+    ns = {"images": reference["images"], "input_ids": reference["train_text"]["input_ids"]}
     exec(compile(readme_block(repo_root, "Python API"), "README.md (Python API)", "exec"), ns)
 
     cfg = reference["config"]
