@@ -1,0 +1,340 @@
+"""Web demo: segment a photo with your own words in the browser (Gradio; design.md §8).
+
+    pip install -r requirements-demo.txt
+    python demo/app.py                                    # the released checkpoint, http://127.0.0.1:7860
+    python demo/app.py --init_model output/quickstart/train/pytorch_model.bin.1 --port 7861
+
+Upload a photo (or pick one of demo/examples/), type class names, set the background threshold or turn background
+off; the page shows the overlay with names and a legend, each class's pixel share and the center-assignment map,
+and offers the label PNG and JSON for download. The model is loaded once at start-up and reused. Every result is
+produced by the library call ``main_seg_vis.py`` makes (``seg_segmentation.visualize.run_visualization``), so the
+label PNG downloaded from the page is the CLI's for the same checkpoint, photo and vocabulary. Nothing is fetched
+from the internet: analytics are off and the page uses local fonts.
+"""
+import argparse
+import html
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from common.errors import SegCLIPError
+
+EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
+METHODS = ("segclip",)
+# What the page shows and the JSON/PNG it offers: the CLI's overlay and center-assignment modes (design.md §8).
+OVERLAY_MODE, GROUPS_MODE = "input_pred_label", "all_groups"
+DEFAULT_BG_THRESH = 0.8          # the CLI's default for your own classes (BG_THRESH['voc'])
+PREVIEW_SIDE = 1024              # the uploaded photo is previewed at most this large (inference uses the original)
+KEEP_RESULTS = 8                 # result folders kept on disk (gradio copies what it serves into its own cache)
+
+
+class DemoSetupError(SegCLIPError, RuntimeError):
+    """The demo cannot start (gradio missing, checkpoint missing); the message says how to fix it."""
+
+
+class PageInputError(SegCLIPError, ValueError):
+    """Something typed or uploaded in the page cannot be segmented; the message is shown in the page."""
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--init_model", default=None,
+                   help="SegCLIP checkpoint (state dict), e.g. the quickstart's train/pytorch_model.bin.1. "
+                        "Default: <cache>/segclip.bin, the released checkpoint, downloaded when missing")
+    p.add_argument("--cache_dir", default=None,
+                   help="folder of the released checkpoint (default: $SEGCLIP_CACHE, else checkpoints/)")
+    p.add_argument("--method", default="segclip", choices=METHODS, help="segmenter (default: segclip)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 serves your network)")
+    p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda when available, else cpu)")
+    p.add_argument("--crop_size", type=int, default=224, help="sliding-window size in pixels (default: 224)")
+    p.add_argument("--stride", type=int, default=224, help="sliding-window stride in pixels (default: 224)")
+    p.add_argument("--resolution", type=int, default=224,
+                   help="short side the photo is resized to for inference (default: 224, as in the evaluation)")
+    args = p.parse_args(argv)
+    if not 1 <= args.port <= 65535:
+        p.error(f"--port must be in [1, 65535], got {args.port}")
+    for name in ("crop_size", "stride", "resolution"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name} must be positive")
+    if args.stride > args.crop_size:
+        p.error(f"--stride {args.stride} larger than --crop_size {args.crop_size} would leave pixels unlabelled")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model side: no gradio here, so it is testable without a browser.
+
+class WebSegmenter:
+    """One loaded model serving many requests: a vocabulary + settings -> a cached ``SegmentationDemo``; a photo ->
+    the files ``main_seg_vis.py`` writes for it (overlay, center map, label PNG, JSON) in a fresh folder."""
+
+    def __init__(self, model, checkpoint: Path, released: bool, device, crop: int = 224, stride: int = 224,
+                 resolution: int = 224, work_dir: Optional[Path] = None):
+        self.model, self.checkpoint, self.released, self.device = model, Path(checkpoint), released, device
+        self.crop, self.stride, self.resolution = crop, stride, resolution
+        self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="segclip-web-"))
+        self._demos: "OrderedDict[tuple, object]" = OrderedDict()   # vocabulary + settings -> SegmentationDemo
+        self._results: List[Path] = []
+        self._count = 0
+
+    def vocabulary(self, classes: str, background: bool) -> List[str]:
+        from seg_segmentation.visualize import parse_class_list
+        try:
+            names = parse_class_list(classes or "")
+        except ValueError as e:
+            raise PageInputError(str(e).replace("--classes: ", "class names: ")) from None
+        if background and "background" in (n.lower() for n in names):
+            raise PageInputError("'background' is added automatically from the threshold; remove it from the class "
+                                 "names, or untick 'background' to keep it as an ordinary class")
+        return names
+
+    def demo_for(self, names: Sequence[str], background: bool, bg_thresh: float, templates: str):
+        """The SegmentationDemo (text embeddings computed once) for this vocabulary and these settings."""
+        from seg_segmentation.visualize import SegmentationDemo
+        key = (tuple(names), bool(background), float(bg_thresh), templates)
+        if key not in self._demos:
+            self._demos[key] = SegmentationDemo(self.model, names, with_bg=background, bg_thresh=float(bg_thresh),
+                                                templates=templates, crop=self.crop, stride=self.stride,
+                                                resolution=self.resolution)
+            while len(self._demos) > 4:
+                self._demos.popitem(last=False)
+        self._demos.move_to_end(key)
+        return self._demos[key]
+
+    def segment(self, photo: Optional[str], classes: str, background: bool = True,
+                bg_thresh: float = DEFAULT_BG_THRESH, templates: str = "simple") -> Dict:
+        """-> {'overlay', 'groups', 'label_png', 'json': paths, 'summary': the JSON's content, 'seconds'}.
+
+        Raises PageInputError (shown in the page) for a missing or unreadable photo and for bad class names."""
+        from seg_segmentation.visualize import run_visualization
+        if not photo:
+            raise PageInputError("upload a photo (or pick an example) first")
+        names = self.vocabulary(classes, background)
+        if not 0.0 <= float(bg_thresh) <= 1.0:
+            raise PageInputError(f"the background threshold must be in [0, 1], got {bg_thresh}")
+        demo = self.demo_for(names, background, bg_thresh, templates)
+        out = self._new_result_dir()
+        start = time.perf_counter()
+        report = run_visualization(demo, [Path(photo)], out, modes=[OVERLAY_MODE, GROUPS_MODE], progress=False)
+        seconds = time.perf_counter() - start
+        if not report["written"]:
+            reason = report["skipped"][0][1] if report["skipped"] else "nothing was written"
+            # the reader names the uploaded file by its temporary path; the user knows it by its own name
+            raise PageInputError(reason.replace(str(photo), Path(photo).name))
+        name = report["written"][0]
+        files = {Path(f).name: Path(f) for f in report["files"]}
+        json_path = files[f"{name}.json"]
+        return {"overlay": files[f"{OVERLAY_MODE}_{name}.jpg"], "groups": files[f"{GROUPS_MODE}_{name}.jpg"],
+                "label_png": files[f"{name}.png"], "json": json_path,
+                "summary": json.loads(json_path.read_text()), "seconds": seconds}
+
+    def _new_result_dir(self) -> Path:
+        self._count += 1
+        out = self.work_dir / f"result-{self._count:05d}"
+        self._results.append(out)
+        while len(self._results) > KEEP_RESULTS:
+            shutil.rmtree(self._results.pop(0), ignore_errors=True)
+        return out
+
+    def close(self) -> None:
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+
+
+def load_segmenter(init_model: Optional[str], cache_dir: Optional[str], device_name: Optional[str], crop: int = 224,
+                   stride: int = 224, resolution: int = 224) -> WebSegmenter:
+    """Resolve and load the checkpoint once (the released one, downloaded when missing, unless ``init_model``)."""
+    import torch
+
+    from common.download import SEGCLIP_FILENAME, DownloadError, default_cache_dir, resolve_segclip_checkpoint
+    from modules.checkpoint import load_segclip, segclip_checkpoint_keys
+    try:
+        device = torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, ValueError):
+        raise DemoSetupError(f"--device {device_name}: not a device (use cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DemoSetupError(f"--device {device_name}: CUDA is not available here; use --device cpu")
+    released_path = default_cache_dir(cache_dir) / SEGCLIP_FILENAME
+    try:
+        ckpt = resolve_segclip_checkpoint(init_model, cache_dir=cache_dir, expected_keys=segclip_checkpoint_keys)
+    except DownloadError as e:
+        raise DemoSetupError(f"the released SegCLIP checkpoint {released_path} is missing and could not be fetched: "
+                             f"{e}\nOr start the demo with any SegCLIP checkpoint: python demo/app.py --init_model "
+                             f"PATH (e.g. the quickstart's output/quickstart/train/pytorch_model.bin.1)") from None
+    except FileNotFoundError as e:
+        raise DemoSetupError(str(e).replace("the checkpoint option", "--init_model")) from None
+    model = load_segclip(ckpt, device=device, use_vision_mae_recon=False)
+    released = init_model is None or Path(ckpt).resolve() == released_path.resolve()
+    return WebSegmenter(model, Path(ckpt), released, device, crop=crop, stride=stride, resolution=resolution)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The page
+
+def shares_html(summary: Dict) -> str:
+    """The JSON's classes (largest first) as a table: colour swatch, name, share bar, percentage, pixels."""
+    rows = []
+    for c in summary["classes"]:
+        r, g, b = c["color"]
+        pct = 100.0 * c["share"]
+        rows.append(
+            f'<tr><td><span class="swatch" style="background: rgb({r},{g},{b})"></span></td>'
+            f'<td class="name">{html.escape(c["name"])}</td>'
+            f'<td class="bar"><span style="width: {pct:.1f}%"></span></td>'
+            f'<td class="pct">{pct:.1f}%</td><td class="px">{c["pixels"]:,}</td></tr>')
+    return ('<table class="shares"><thead><tr><th></th><th>class</th><th>share of the pixels</th><th></th>'
+            '<th>pixels</th></tr></thead><tbody>' + "".join(rows) + "</tbody></table>")
+
+
+def model_line(seg: WebSegmenter) -> str:
+    cfg = seg.model.config
+    where = f"`{seg.checkpoint}` on {seg.device}"
+    if seg.released:
+        return f"Model: the released SegCLIP checkpoint {where}."
+    return (f"Model: {where} — **not the released SegCLIP checkpoint** (width {cfg.vision_width}, "
+            f"{cfg.vision_layers} visual layers); results show what this checkpoint learned.")
+
+
+CSS = """
+#status { min-height: 1.5em; }
+.error-status { color: #b91c1c; font-weight: 600; }
+table.shares { width: 100%; border-collapse: collapse; font-size: 0.95em; }
+table.shares th, table.shares td { border: none !important; padding: 3px 6px !important; }
+table.shares th { text-align: left; font-weight: 600; border-bottom: 1px solid #ccc !important; }
+table.shares td { border-bottom: 1px solid #eee !important; }
+table.shares .swatch { display: inline-block; width: 1.1em; height: 1.1em; border: 1px solid #555; border-radius: 3px;
+                       vertical-align: middle; }
+table.shares td.bar { width: 45%; }
+table.shares td.bar span { display: block; height: 0.8em; background: #6366f1; border-radius: 2px; min-width: 1px; }
+table.shares td.pct, table.shares td.px { text-align: right; font-variant-numeric: tabular-nums; }
+"""
+
+
+def build_page(seg: WebSegmenter, examples_dir: Path = EXAMPLES_DIR):
+    import gradio as gr
+    import numpy as np
+
+    from seg_segmentation.templates import TEMPLATES
+    from seg_segmentation.visualize import ImageReadError, read_image_bgr
+
+    def preview(photo):
+        """The uploaded file as the reader used for inference decodes it (so an unreadable file is named now)."""
+        if not photo:
+            return None, ""
+        try:
+            bgr = read_image_bgr(Path(photo))
+        except ImageReadError as e:
+            return None, error_md(str(e).replace(str(photo), Path(photo).name))
+        h, w = bgr.shape[:2]
+        step = max(1, int(np.ceil(max(h, w) / PREVIEW_SIDE)))
+        return np.ascontiguousarray(bgr[::step, ::step, ::-1]), f"{Path(photo).name}: {w}×{h} pixels"
+
+    def run(photo, classes, background, bg_thresh, templates):
+        try:
+            r = seg.segment(photo, classes, background, bg_thresh, templates)
+        except PageInputError as e:
+            return None, None, "", None, error_md(f"Could not segment: {e}")
+        s = r["summary"]
+        status = (f"Segmented **{html.escape(Path(photo).name)}** ({s['width']}×{s['height']}) with "
+                  f"{len(s['vocabulary'])} labels in {r['seconds']:.2f} s on {seg.device}.")
+        return (str(r["overlay"]), str(r["groups"]), shares_html(s), [str(r["label_png"]), str(r["json"])], status)
+
+    def error_md(message: str) -> str:
+        return f'<span class="error-status">⚠ {html.escape(message)}</span>'
+
+    examples = []
+    for jpg in sorted(examples_dir.glob("*.jpg")):
+        txt = jpg.with_suffix(".txt")
+        names = [n.strip() for n in txt.read_text().splitlines() if n.strip()] if txt.is_file() else []
+        examples.append([str(jpg), ", ".join(names)])
+
+    with gr.Blocks(title="SegCLIP web demo", analytics_enabled=False) as page:
+        gr.Markdown("## SegCLIP: segment a photo with your own words\n" + model_line(seg))
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=2, min_width=320):
+                photo = gr.File(label="Photo (drop an image file here or click to upload)", file_types=["image"],
+                                type="filepath", elem_id="photo", height=110)
+                shown = gr.Image(label="Your photo", interactive=False, elem_id="preview", height=260,
+                                 buttons=[])
+                classes = gr.Textbox(label="Class names, comma separated", placeholder="cat, wall, floor",
+                                     lines=1, elem_id="classes")
+                with gr.Row():
+                    background = gr.Checkbox(value=True, label="background", elem_id="background",
+                                             info="label pixels no class is sure of as background")
+                    bg_thresh = gr.Slider(0.0, 1.0, value=DEFAULT_BG_THRESH, step=0.01, elem_id="bg_thresh",
+                                          label="background threshold", info="higher = more background")
+                templates = gr.Dropdown(sorted(TEMPLATES), value="simple", label="prompt templates",
+                                        elem_id="templates")
+                go = gr.Button("Segment", variant="primary", elem_id="segment")
+                gr.Examples(examples, inputs=[photo, classes], label="Examples (demo/examples)",
+                            example_labels=[Path(e[0]).stem + ": " + e[1] for e in examples])
+            with gr.Column(scale=3, min_width=420):
+                status = gr.Markdown(elem_id="status")
+                with gr.Row():
+                    overlay = gr.Image(label="Labels", interactive=False, elem_id="overlay", buttons=["fullscreen"])
+                    groups = gr.Image(label=f"Center assignment ({seg.model.config.num_centers} centers)",
+                                      interactive=False, elem_id="groups", buttons=["fullscreen"])
+                shares = gr.HTML(elem_id="shares", label="Pixel shares")
+                files = gr.File(label="Download: label PNG (pixel = label id) and JSON", file_count="multiple",
+                                interactive=False, elem_id="downloads")
+        photo.change(preview, inputs=photo, outputs=[shown, status])
+        background.change(lambda on: gr.update(interactive=on), inputs=background, outputs=bg_thresh)
+        go.click(run, inputs=[photo, classes, background, bg_thresh, templates],
+                 outputs=[overlay, groups, shares, files, status], concurrency_limit=1)
+        classes.submit(run, inputs=[photo, classes, background, bg_thresh, templates],
+                       outputs=[overlay, groups, shares, files, status], concurrency_limit=1)
+    return page
+
+
+def offline_theme():
+    """Gradio's look with local fonts: the default theme would fetch Google fonts, which offline machines lack."""
+    import gradio as gr
+    return gr.themes.Default(primary_hue="indigo", font=["system-ui", "Segoe UI", "Helvetica", "Arial", "sans-serif"],
+                             font_mono=["ui-monospace", "Menlo", "Consolas", "monospace"])
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail before the model is loaded when the address cannot be served (port taken, unknown host)."""
+    import socket
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host, port))
+    except OSError as e:
+        raise DemoSetupError(f"cannot serve on {host}:{port} ({e.strerror or e}); choose another --port "
+                             f"(or --host)") from None
+
+
+def main(argv=None) -> int:
+    args = get_args(argv)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")   # read when gradio is imported: no calls home
+    try:
+        try:
+            import gradio  # noqa: F401
+        except ImportError:
+            raise DemoSetupError("the web demo needs gradio: pip install -r requirements-demo.txt") from None
+        check_port(args.host, args.port)
+        seg = load_segmenter(args.init_model, args.cache_dir, args.device, args.crop_size, args.stride,
+                             args.resolution)
+    except SegCLIPError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{model_line(seg).replace('**', '').replace('`', '')}\nServing on http://{args.host}:{args.port}",
+          flush=True)
+    try:
+        build_page(seg).launch(server_name=args.host, server_port=args.port, theme=offline_theme(), css=CSS,
+                               ssr_mode=False, show_error=False, quiet=True, footer_links=["gradio", "settings"])
+    finally:
+        seg.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""demo/app.py: the web demo, driven in a real headless browser (Debian's chromium + chromium-driver, selenium).
+
+The browser test starts the app as a process on a free local port with the tiny reference checkpoint, uploads a
+photo, types class names, downloads the label PNG and JSON through the page and compares them with what
+``main_seg_vis.py`` writes for the same checkpoint and input; then it feeds the page bad input and checks that the
+page says what is wrong and keeps working. Every request the page makes must go to the local server (offline).
+
+Without chromium the browser test is skipped, except where SEGCLIP_REQUIRE_BROWSER=1 (.ci/run sets it): there a
+missing browser is a failure. Set SEGCLIP_WEB_SCREENSHOT=PATH to keep the page's screenshot.
+"""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from demo import app
+
+REQUIRE_BROWSER = os.environ.get("SEGCLIP_REQUIRE_BROWSER", "").strip() not in ("", "0")
+
+
+def _find(*names):
+    return next((p for p in map(shutil.which, names) if p), None)
+
+
+CHROMIUM = _find("chromium", "chromium-browser", "google-chrome")
+CHROMEDRIVER = _find("chromedriver", "chromium-driver")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _offline_env(tmp_path):
+    return dict(os.environ, SEGCLIP_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
+                GRADIO_TEMP_DIR=str(tmp_path / "gradio"))
+
+
+@pytest.fixture()
+def server(repo_root, tiny_checkpoint, tmp_path):
+    """`python demo/app.py` on a free port, serving until the test ends -> its URL."""
+    port = _free_port()
+    log = open(tmp_path / "app.log", "w")
+    proc = subprocess.Popen([sys.executable, str(repo_root / "demo" / "app.py"), "--init_model", str(tiny_checkpoint),
+                             "--port", str(port), "--device", "cpu"], cwd=tmp_path, env=_offline_env(tmp_path),
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"demo/app.py exited with {proc.returncode}:\n{(tmp_path / 'app.log').read_text()}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"demo/app.py did not answer within 180 s:\n{(tmp_path / 'app.log').read_text()}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture()
+def browser(tmp_path):
+    if CHROMIUM is None or CHROMEDRIVER is None:
+        msg = ("chromium and chromium-driver are not installed (apt-get install -y --no-install-recommends "
+               "chromium chromium-driver)")
+        if REQUIRE_BROWSER:
+            pytest.fail(msg + " but SEGCLIP_REQUIRE_BROWSER is set")
+        pytest.skip(msg)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1400,1150", "--lang=en-US"):
+        opts.add_argument(arg)
+    opts.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                           "download.prompt_for_download": False})
+    opts.set_capability("goog:loggingPrefs", {"performance": "ALL"})
+    # Explicit driver and browser paths: selenium's manager (which would try the internet) is never run.
+    driver = webdriver.Chrome(options=opts, service=Service(CHROMEDRIVER))
+    driver.downloads = downloads
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _wait(predicate, timeout=120, what="the page"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _text(driver, css):
+    from selenium.webdriver.common.by import By
+    els = driver.find_elements(By.CSS_SELECTOR, css)
+    return els[0].text if els else ""
+
+
+def _set_text(driver, css, value):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    box = driver.find_element(By.CSS_SELECTOR, css)
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(Keys.DELETE)
+    box.send_keys(value)
+
+
+def _upload(driver, path):
+    """Put ``path`` in the photo box (clearing the previous file first, as a user clicking its x would)."""
+    from selenium.webdriver.common.by import By
+    for clear in driver.find_elements(By.CSS_SELECTOR, '#photo button[aria-label="Clear"]'):
+        clear.click()
+    box = _wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#photo input[type=file]"), what="an empty photo box")
+    box[0].send_keys(str(path))
+
+
+def _segment(driver, expect):
+    """Click Segment and wait until the status line changes to one containing ``expect``."""
+    from selenium.webdriver.common.by import By
+    before = _text(driver, "#status")
+    driver.find_element(By.CSS_SELECTOR, "#segment").click()
+    return _wait(lambda: (t := _text(driver, "#status")) != before and expect in t and t, what=f"status '{expect}'")
+
+
+def _download(driver, name):
+    """Click the page's download link for ``name`` -> the downloaded file's bytes."""
+    from selenium.webdriver.common.by import By
+    target = driver.downloads / name
+    if target.exists():
+        target.unlink()
+    links = [a for a in driver.find_elements(By.CSS_SELECTOR, "#downloads a") if a.get_attribute("download") == name]
+    assert links, f"no download link for {name}"
+    links[0].click()
+    _wait(lambda: target.exists() and not list(driver.downloads.glob("*.crdownload")), timeout=60,
+          what=f"download of {name}")
+    return target.read_bytes()
+
+
+def _run_cli(repo_root, checkpoint, photo, classes, out, *extra):
+    proc = subprocess.run([sys.executable, str(repo_root / "main_seg_vis.py"), "--init_model", str(checkpoint),
+                           "--input", str(photo), "--classes", classes, "--output_dir", str(out), "--no_progress",
+                           "--device", "cpu", *extra], cwd=repo_root, env=dict(os.environ, SEGCLIP_OFFLINE="1"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return out / "labels"
+
+
+def _same_label_png(downloaded: bytes, cli_png: Path, tmp_path: Path):
+    got = tmp_path / "got.png"
+    got.write_bytes(downloaded)
+    a, b = Image.open(got), Image.open(cli_png)
+    assert a.mode == b.mode == "P" and a.size == b.size
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert a.getpalette() == b.getpalette()
+    assert downloaded == cli_png.read_bytes()
+
+
+def _summary_without_path(payload):
+    return {k: v for k, v in payload.items() if k != "image"}
+
+
+def test_browser_upload_segment_download_and_bad_input(server, browser, repo_root, tiny_checkpoint, tmp_path):
+    from selenium.webdriver.common.by import By
+    chelsea = repo_root / "demo" / "examples" / "chelsea.jpg"
+    started = time.monotonic()
+    browser.get(server)
+    _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#photo input[type=file]"), what="the upload box")
+    assert "not the released SegCLIP checkpoint" in browser.find_element(By.TAG_NAME, "body").text
+
+    # 1. a photo and three names -> the CLI's label PNG and JSON, offered for download
+    _upload(browser, chelsea)
+    _wait(lambda: "451×300" in _text(browser, "#status"), what="the preview of the upload")
+    _set_text(browser, "#classes textarea", "cat, wall, floor")
+    status = _segment(browser, "Segmented chelsea.jpg")
+    assert "(451×300) with 4 labels" in status
+    png = _download(browser, "chelsea.png")
+    summary = json.loads(_download(browser, "chelsea.json"))
+    cli = _run_cli(repo_root, tiny_checkpoint, chelsea, "cat, wall, floor", tmp_path / "cli")
+    _same_label_png(png, cli / "chelsea.png", tmp_path)
+    assert _summary_without_path(summary) == _summary_without_path(json.loads((cli / "chelsea.json").read_text()))
+    assert summary["vocabulary"] == ["background", "cat", "wall", "floor"] and summary["bg_thresh"] == 0.8
+    # the shares table lists the JSON's classes with their percentages; both pictures are shown at full size
+    rows = browser.find_elements(By.CSS_SELECTOR, "#shares table.shares tbody tr")
+    assert [r.find_element(By.CSS_SELECTOR, "td.name").text for r in rows] == [c["name"] for c in summary["classes"]]
+    assert [r.find_element(By.CSS_SELECTOR, "td.pct").text for r in rows] == \
+        [f"{100 * c['share']:.1f}%" for c in summary["classes"]]
+    for css in ("#overlay img", "#groups img"):
+        size = browser.execute_script(f"const i = document.querySelector('{css}'); "
+                                      "return i && i.complete ? [i.naturalWidth, i.naturalHeight] : null")
+        assert size == [451, 300], (css, size)
+    shot = tmp_path / "web_demo.png"
+    browser.save_screenshot(str(shot))
+
+    # 2. bad input: a file that is not an image, then duplicate names -> a message in the page each time
+    notes = tmp_path / "notes.jpg"
+    notes.write_text("this is not an image")
+    _upload(browser, notes)
+    _wait(lambda: "not a readable image" in _text(browser, "#status"), what="the unreadable-file message")
+    assert "notes.jpg" in _text(browser, "#status")
+    status = _segment(browser, "not a readable image")
+    assert not browser.find_elements(By.CSS_SELECTOR, "#downloads a")      # no stale results next to the error
+    _upload(browser, chelsea)
+    _wait(lambda: "451×300" in _text(browser, "#status"), what="the preview of the second upload")
+    _set_text(browser, "#classes textarea", "cat, wall, cat")
+    assert "duplicate class name 'cat'" in _segment(browser, "duplicate")
+
+    # 3. the server still serves: background off this time, the labels again equal the CLI's (--no_bg)
+    _set_text(browser, "#classes textarea", "cat, wall, floor")
+    browser.find_element(By.CSS_SELECTOR, "#background input[type=checkbox]").click()
+    assert "with 3 labels" in _segment(browser, "Segmented chelsea.jpg")
+    png = _download(browser, "chelsea.png")
+    cli = _run_cli(repo_root, tiny_checkpoint, chelsea, "cat, wall, floor", tmp_path / "cli_nobg", "--no_bg")
+    _same_label_png(png, cli / "chelsea.png", tmp_path)
+    print(f"browser test: {time.monotonic() - started:.1f} s in the page; screenshot {shot}")
+
+    # offline: every request the page made went to the local server
+    urls = set()
+    for entry in browser.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message["method"] == "Network.requestWillBeSent":
+            urls.add(message["params"]["request"]["url"])
+    remote = sorted(u for u in urls if not u.startswith((server, "data:", "blob:")))
+    assert not remote, remote
+    if os.environ.get("SEGCLIP_WEB_SCREENSHOT"):
+        shutil.copyfile(shot, os.environ["SEGCLIP_WEB_SCREENSHOT"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Without a browser: the request handler and start-up
+
+@pytest.fixture()
+def segmenter(tiny_model, tiny_checkpoint, tmp_path):
+    seg = app.WebSegmenter(tiny_model, tiny_checkpoint, released=False, device="cpu", work_dir=tmp_path / "work")
+    yield seg
+    seg.close()
+
+
+@pytest.mark.parametrize("photo, classes, background, message", [
+    (None, "cat", True, "upload a photo"),
+    ("chelsea", "", True, "empty name"),
+    ("chelsea", "cat, , dog", True, "empty name"),
+    ("chelsea", "cat, dog, cat", True, "duplicate class name 'cat'"),
+    ("chelsea", "background, cat", True, "added automatically"),
+    ("notes", "cat", True, "notes.jpg: not a readable image"),
+])
+def test_bad_page_input_is_a_message(segmenter, repo_root, tmp_path, photo, classes, background, message):
+    paths = {"chelsea": str(repo_root / "demo" / "examples" / "chelsea.jpg"), "notes": str(tmp_path / "notes.jpg"),
+             None: None}
+    (tmp_path / "notes.jpg").write_text("hello")
+    with pytest.raises(app.PageInputError, match=message.replace("(", r"\(")):
+        segmenter.segment(paths[photo], classes, background)
+
+
+def test_background_as_a_class_without_background(segmenter, repo_root):
+    r = segmenter.segment(str(repo_root / "demo" / "examples" / "chelsea.jpg"), "cat, background", background=False)
+    assert r["summary"]["vocabulary"] == ["cat", "background"] and r["summary"]["background"] is False
+    assert Image.open(r["label_png"]).size == (451, 300)
+
+
+def test_old_results_are_removed(segmenter, repo_root):
+    photo = str(repo_root / "demo" / "examples" / "chelsea.jpg")
+    first = segmenter.segment(photo, "cat")
+    for _ in range(app.KEEP_RESULTS):
+        last = segmenter.segment(photo, "cat")
+    assert not first["label_png"].exists() and last["label_png"].exists()
+
+
+def test_missing_released_checkpoint_says_so(repo_root, tmp_path):
+    proc = subprocess.run([sys.executable, str(repo_root / "demo" / "app.py"), "--cache_dir", str(tmp_path / "none"),
+                           "--port", str(_free_port())], cwd=tmp_path, env=_offline_env(tmp_path),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "released SegCLIP checkpoint" in proc.stderr and "--init_model" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_port_in_use(repo_root, tiny_checkpoint, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        proc = subprocess.run([sys.executable, str(repo_root / "demo" / "app.py"), "--init_model",
+                               str(tiny_checkpoint), "--port", str(taken.getsockname()[1])], cwd=tmp_path,
+                              env=_offline_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "cannot serve on 127.0.0.1" in proc.stderr and "--port" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_explicit_missing_checkpoint(repo_root, tmp_path):
+    proc = subprocess.run([sys.executable, str(repo_root / "demo" / "app.py"), "--init_model",
+                           str(tmp_path / "nope.bin")], cwd=tmp_path, env=_offline_env(tmp_path),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "checkpoint not found" in proc.stderr and "Traceback" not in proc.stderr
