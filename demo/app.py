@@ -190,8 +190,9 @@ def shares_html(summary: Dict) -> str:
             f'<td class="name">{html.escape(c["name"])}</td>'
             f'<td class="bar"><span style="width: {pct:.1f}%"></span></td>'
             f'<td class="pct">{pct:.1f}%</td><td class="px">{c["pixels"]:,}</td></tr>')
-    return ('<table class="shares"><thead><tr><th></th><th>class</th><th>share of the pixels</th><th></th>'
-            '<th>pixels</th></tr></thead><tbody>' + "".join(rows) + "</tbody></table>")
+    return ('<table class="shares"><caption>Pixel shares</caption><thead><tr><th></th><th>class</th>'
+            '<th>share of the pixels</th><th></th><th>pixels</th></tr></thead><tbody>' + "".join(rows)
+            + "</tbody></table>")
 
 
 def model_line(seg: WebSegmenter) -> str:
@@ -206,8 +207,9 @@ def model_line(seg: WebSegmenter) -> str:
 CSS = """
 #status { min-height: 1.5em; }
 .error-status { color: #b91c1c; font-weight: 600; }
-table.shares { width: 100%; border-collapse: collapse; font-size: 0.95em; }
-table.shares th, table.shares td { border: none !important; padding: 3px 6px !important; }
+table.shares { width: 100%; border-collapse: collapse; font-size: 0.95em; border: none !important; }
+table.shares caption { caption-side: top; text-align: left; font-weight: 600; padding: 0 6px 4px; }
+table.shares tr, table.shares th, table.shares td { border: none !important; padding: 3px 6px !important; }
 table.shares th { text-align: left; font-weight: 600; border-bottom: 1px solid #ccc !important; }
 table.shares td { border-bottom: 1px solid #eee !important; }
 table.shares .swatch { display: inline-block; width: 1.1em; height: 1.1em; border: 1px solid #555; border-radius: 3px;
@@ -279,9 +281,9 @@ def build_page(seg: WebSegmenter, examples_dir: Path = EXAMPLES_DIR):
             with gr.Column(scale=3, min_width=420):
                 status = gr.Markdown(elem_id="status")
                 with gr.Row():
-                    overlay = gr.Image(label="Labels", interactive=False, elem_id="overlay", buttons=["fullscreen"])
+                    overlay = gr.Image(label="Labels", interactive=False, elem_id="overlay", buttons=["fullscreen"], height=340)
                     groups = gr.Image(label=f"Center assignment ({seg.model.config.num_centers} centers)",
-                                      interactive=False, elem_id="groups", buttons=["fullscreen"])
+                                      interactive=False, elem_id="groups", buttons=["fullscreen"], height=340)
                 shares = gr.HTML(elem_id="shares", label="Pixel shares")
                 files = gr.File(label="Download: label PNG (pixel = label id) and JSON", file_count="multiple",
                                 interactive=False, elem_id="downloads")
@@ -306,6 +308,7 @@ def check_port(host: str, port: int) -> None:
     import socket
     try:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as the server does: TIME_WAIT is no obstacle
             s.bind((host, port))
     except OSError as e:
         raise DemoSetupError(f"cannot serve on {host}:{port} ({e.strerror or e}); choose another --port "

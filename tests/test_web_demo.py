@@ -218,6 +218,10 @@ def test_browser_upload_segment_download_and_bad_input(server, browser, repo_roo
                                       "return i && i.complete ? [i.naturalWidth, i.naturalHeight] : null")
         assert size == [451, 300], (css, size)
     shot = tmp_path / "web_demo.png"
+    height = browser.execute_script("return document.documentElement.scrollHeight")
+    browser.set_window_size(1400, height + 20)        # the whole page, examples included
+    browser.execute_script("window.scrollTo(0, 0)")
+    time.sleep(0.5)
     browser.save_screenshot(str(shot))
 
     # 2. bad input: a file that is not an image, then duplicate names -> a message in the page each time
