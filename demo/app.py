@@ -11,7 +11,6 @@ produced by the library call ``main_seg_vis.py`` makes (``seg_segmentation.visua
 label PNG downloaded from the page is the CLI's for the same checkpoint, photo and vocabulary. Nothing is fetched
 from the internet: analytics are off and the page uses local fonts.
 """
-import argparse
 import html
 import json
 import os
@@ -21,9 +20,10 @@ import tempfile
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
-from common.errors import SegCLIPError
+from common import cli
+from common.errors import SegCLIPError, UsageError
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 METHODS = ("segclip",)
@@ -35,38 +35,34 @@ KEEP_RESULTS = 8                 # result folders kept on disk (gradio copies wh
 
 
 class DemoSetupError(SegCLIPError, RuntimeError):
-    """The demo cannot start (gradio missing, checkpoint missing); the message says how to fix it."""
+    """The demo cannot start (gradio missing, checkpoint missing, address taken); the message says how to fix it."""
 
 
 class PageInputError(SegCLIPError, ValueError):
     """Something typed or uploaded in the page cannot be segmented; the message is shown in the page."""
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--init_model", default=None,
-                   help="SegCLIP checkpoint (state dict), e.g. the quickstart's train/pytorch_model.bin.1. "
-                        "Default: <cache>/segclip.bin, the released checkpoint, downloaded when missing")
-    p.add_argument("--cache_dir", default=None,
-                   help="folder of the released checkpoint (default: $SEGCLIP_CACHE, else checkpoints/)")
-    p.add_argument("--method", default="segclip", choices=METHODS, help="segmenter (default: segclip)")
+def build_parser():
+    p = cli.make_parser(__doc__)
+    p.add_argument("--method", default="segclip", choices=METHODS, help="segmenter")
     p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 serves your network)")
-    p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda when available, else cpu)")
-    p.add_argument("--crop_size", type=int, default=224, help="sliding-window size in pixels (default: 224)")
-    p.add_argument("--stride", type=int, default=224, help="sliding-window stride in pixels (default: 224)")
-    p.add_argument("--resolution", type=int, default=224,
-                   help="short side the photo is resized to for inference (default: 224, as in the evaluation)")
-    args = p.parse_args(argv)
+                   help="address to bind: 127.0.0.1 serves this machine only, 0.0.0.0 your network")
+    p.add_argument("--port", type=int, default=7860, help="port to serve on")
+    cli.add_checkpoint_args(
+        p, init_model_help="SegCLIP checkpoint (state dict), e.g. the quickstart's train/pytorch_model.bin.1. "
+                           "Default: <cache>/segclip.bin, the released checkpoint, downloaded when missing",
+        first_stage_layer=None, first_stage_help="accepted as main_seg_vis.py does; the value is read from the "
+                                                 "checkpoint and this only checks that it matches")
+    cli.add_window_args(p, max_long=False)
+    cli.add_runtime_args(p, distributed=False)
+    return p
+
+
+def get_args(argv=None):
+    args = cli.parse(build_parser(), argv)
     if not 1 <= args.port <= 65535:
-        p.error(f"--port must be in [1, 65535], got {args.port}")
-    for name in ("crop_size", "stride", "resolution"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name} must be positive")
-    if args.stride > args.crop_size:
-        p.error(f"--stride {args.stride} larger than --crop_size {args.crop_size} would leave pixels unlabelled")
+        raise UsageError(f"--port must be in [1, 65535], got {args.port}")
+    cli.check_window(args)
     return args
 
 
@@ -87,11 +83,11 @@ class WebSegmenter:
         self._count = 0
 
     def vocabulary(self, classes: str, background: bool) -> List[str]:
-        from seg_segmentation.visualize import parse_class_list
+        from seg_segmentation.classes import parse_class_list
         try:
-            names = parse_class_list(classes or "")
-        except ValueError as e:
-            raise PageInputError(str(e).replace("--classes: ", "class names: ")) from None
+            names = parse_class_list(classes or "", source="class names")
+        except SegCLIPError as e:
+            raise PageInputError(str(e)) from None
         if background and "background" in (n.lower() for n in names):
             raise PageInputError("'background' is added automatically from the threshold; remove it from the class "
                                  "names, or untick 'background' to keep it as an ordinary class")
@@ -149,31 +145,26 @@ class WebSegmenter:
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
 
-def load_segmenter(init_model: Optional[str], cache_dir: Optional[str], device_name: Optional[str], crop: int = 224,
-                   stride: int = 224, resolution: int = 224) -> WebSegmenter:
-    """Resolve and load the checkpoint once (the released one, downloaded when missing, unless ``init_model``)."""
-    import torch
-
+def load_segmenter(args) -> WebSegmenter:
+    """Resolve and load the checkpoint once (the released one, downloaded when missing, unless --init_model)."""
     from common.download import SEGCLIP_FILENAME, DownloadError, default_cache_dir, resolve_segclip_checkpoint
     from modules.checkpoint import load_segclip, segclip_checkpoint_keys
+    device = cli.resolve_device(args.device)
+    released_path = default_cache_dir(args.cache_dir) / SEGCLIP_FILENAME
     try:
-        device = torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except (RuntimeError, ValueError):
-        raise DemoSetupError(f"--device {device_name}: not a device (use cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DemoSetupError(f"--device {device_name}: CUDA is not available here; use --device cpu")
-    released_path = default_cache_dir(cache_dir) / SEGCLIP_FILENAME
-    try:
-        ckpt = resolve_segclip_checkpoint(init_model, cache_dir=cache_dir, expected_keys=segclip_checkpoint_keys)
+        ckpt = resolve_segclip_checkpoint(args.init_model, cache_dir=args.cache_dir, progress=not args.no_progress,
+                                          expected_keys=segclip_checkpoint_keys)
     except DownloadError as e:
         raise DemoSetupError(f"the released SegCLIP checkpoint {released_path} is missing and could not be fetched: "
                              f"{e}\nOr start the demo with any SegCLIP checkpoint: python demo/app.py --init_model "
                              f"PATH (e.g. the quickstart's output/quickstart/train/pytorch_model.bin.1)") from None
-    except FileNotFoundError as e:
-        raise DemoSetupError(str(e).replace("the checkpoint option", "--init_model")) from None
     model = load_segclip(ckpt, device=device, use_vision_mae_recon=False)
-    released = init_model is None or Path(ckpt).resolve() == released_path.resolve()
-    return WebSegmenter(model, Path(ckpt), released, device, crop=crop, stride=stride, resolution=resolution)
+    if args.first_stage_layer is not None and args.first_stage_layer != model.config.first_stage_layer:
+        raise UsageError(f"--first_stage_layer {args.first_stage_layer} does not match the checkpoint "
+                         f"({model.config.first_stage_layer}); leave the flag out")
+    released = args.init_model is None or Path(ckpt).resolve() == released_path.resolve()
+    return WebSegmenter(model, Path(ckpt), released, device, crop=args.crop_size, stride=args.stride,
+                        resolution=args.resolution)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -315,20 +306,16 @@ def check_port(host: str, port: int) -> None:
                              f"(or --host)") from None
 
 
+@cli.run_main
 def main(argv=None) -> int:
     args = get_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")   # read when gradio is imported: no calls home
     try:
-        try:
-            import gradio  # noqa: F401
-        except ImportError:
-            raise DemoSetupError("the web demo needs gradio: pip install -r requirements-demo.txt") from None
-        check_port(args.host, args.port)
-        seg = load_segmenter(args.init_model, args.cache_dir, args.device, args.crop_size, args.stride,
-                             args.resolution)
-    except SegCLIPError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        import gradio  # noqa: F401
+    except ImportError:
+        raise DemoSetupError("the web demo needs gradio: pip install -r requirements-demo.txt") from None
+    check_port(args.host, args.port)
+    seg = load_segmenter(args)
     print(f"{model_line(seg).replace('**', '').replace('`', '')}\nServing on http://{args.host}:{args.port}",
           flush=True)
     try:

@@ -8,6 +8,7 @@ page says what is wrong and keeps working. Every request the page makes must go 
 Without chromium the browser test is skipped, except where SEGCLIP_REQUIRE_BROWSER=1 (.ci/run sets it): there a
 missing browser is a failure. Set SEGCLIP_WEB_SCREENSHOT=PATH to keep the page's screenshot.
 """
+import base64
 import json
 import os
 import shutil
@@ -157,12 +158,22 @@ def _download(driver, name):
     target = driver.downloads / name
     if target.exists():
         target.unlink()
-    links = [a for a in driver.find_elements(By.CSS_SELECTOR, "#downloads a") if a.get_attribute("download") == name]
-    assert links, f"no download link for {name}"
+    # the file list re-renders a moment after the status line
+    links = _wait(lambda: [a for a in driver.find_elements(By.CSS_SELECTOR, "#downloads a")
+                           if a.get_attribute("download") == name], timeout=20, what=f"a download link for {name}")
     links[0].click()
     _wait(lambda: target.exists() and not list(driver.downloads.glob("*.crdownload")), timeout=60,
           what=f"download of {name}")
     return target.read_bytes()
+
+
+def _full_page_screenshot(driver, path: Path):
+    """The whole page, below the window's bottom edge too (Chrome DevTools protocol)."""
+    size = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
+    shot = driver.execute_cdp_cmd("Page.captureScreenshot", {
+        "format": "png", "captureBeyondViewport": True,
+        "clip": {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}})
+    path.write_bytes(base64.b64decode(shot["data"]))
 
 
 def _run_cli(repo_root, checkpoint, photo, classes, out, *extra):
@@ -188,6 +199,7 @@ def _summary_without_path(payload):
     return {k: v for k, v in payload.items() if k != "image"}
 
 
+@pytest.mark.slow   # 30-50 s on 2 busy cores, most of it starting gradio and chromium
 def test_browser_upload_segment_download_and_bad_input(server, browser, repo_root, tiny_checkpoint, tmp_path):
     from selenium.webdriver.common.by import By
     chelsea = repo_root / "demo" / "examples" / "chelsea.jpg"
@@ -209,20 +221,18 @@ def test_browser_upload_segment_download_and_bad_input(server, browser, repo_roo
     assert _summary_without_path(summary) == _summary_without_path(json.loads((cli / "chelsea.json").read_text()))
     assert summary["vocabulary"] == ["background", "cat", "wall", "floor"] and summary["bg_thresh"] == 0.8
     # the shares table lists the JSON's classes with their percentages; both pictures are shown at full size
-    rows = browser.find_elements(By.CSS_SELECTOR, "#shares table.shares tbody tr")
+    rows = _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#shares table.shares tbody tr"), timeout=20,
+                 what="the shares table")
     assert [r.find_element(By.CSS_SELECTOR, "td.name").text for r in rows] == [c["name"] for c in summary["classes"]]
     assert [r.find_element(By.CSS_SELECTOR, "td.pct").text for r in rows] == \
         [f"{100 * c['share']:.1f}%" for c in summary["classes"]]
     for css in ("#overlay img", "#groups img"):
-        size = browser.execute_script(f"const i = document.querySelector('{css}'); "
-                                      "return i && i.complete ? [i.naturalWidth, i.naturalHeight] : null")
+        size = _wait(lambda: browser.execute_script(f"const i = document.querySelector('{css}'); return i && "
+                                                    "i.complete && i.naturalWidth ? [i.naturalWidth, i.naturalHeight] "
+                                                    ": null"), timeout=20, what=f"the picture {css}")
         assert size == [451, 300], (css, size)
     shot = tmp_path / "web_demo.png"
-    height = browser.execute_script("return document.documentElement.scrollHeight")
-    browser.set_window_size(1400, height + 20)        # the whole page, examples included
-    browser.execute_script("window.scrollTo(0, 0)")
-    time.sleep(0.5)
-    browser.save_screenshot(str(shot))
+    _full_page_screenshot(browser, shot)
 
     # 2. bad input: a file that is not an image, then duplicate names -> a message in the page each time
     notes = tmp_path / "notes.jpg"
@@ -231,7 +241,9 @@ def test_browser_upload_segment_download_and_bad_input(server, browser, repo_roo
     _wait(lambda: "not a readable image" in _text(browser, "#status"), what="the unreadable-file message")
     assert "notes.jpg" in _text(browser, "#status")
     status = _segment(browser, "not a readable image")
-    assert not browser.find_elements(By.CSS_SELECTOR, "#downloads a")      # no stale results next to the error
+    # no stale results next to the error (the components re-render a moment after the status line)
+    _wait(lambda: not browser.find_elements(By.CSS_SELECTOR, "#downloads a") and not _text(browser, "#shares"),
+          timeout=20, what="the previous results to be cleared")
     _upload(browser, chelsea)
     _wait(lambda: "451×300" in _text(browser, "#status"), what="the preview of the second upload")
     _set_text(browser, "#classes textarea", "cat, wall, cat")
