@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Sequence
 
 from common import cli
 from common.errors import SegCLIPError, UsageError
+from common.images import DEFAULT_MAX_IMAGE_PIXELS
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 METHODS = ("segclip",)
@@ -54,6 +55,7 @@ def build_parser():
         first_stage_layer=None, first_stage_help="accepted as main_seg_vis.py does; the value is read from the "
                                                  "checkpoint and this only checks that it matches")
     cli.add_window_args(p, max_long=False)
+    cli.add_inference_args(p)
     cli.add_runtime_args(p, distributed=False)
     return p
 
@@ -63,6 +65,7 @@ def get_args(argv=None):
     if not 1 <= args.port <= 65535:
         raise UsageError(f"--port must be in [1, 65535], got {args.port}")
     cli.check_window(args)
+    cli.check_max_image_pixels(args)
     return args
 
 
@@ -74,9 +77,11 @@ class WebSegmenter:
     the files ``main_seg_vis.py`` writes for it (overlay, center map, label PNG, JSON) in a fresh folder."""
 
     def __init__(self, model, checkpoint: Path, released: bool, device, crop: int = 224, stride: int = 224,
-                 resolution: int = 224, work_dir: Optional[Path] = None):
+                 resolution: int = 224, max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
+                 work_dir: Optional[Path] = None):
         self.model, self.checkpoint, self.released, self.device = model, Path(checkpoint), released, device
         self.crop, self.stride, self.resolution = crop, stride, resolution
+        self.max_image_pixels = max_image_pixels
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="segclip-web-"))
         self._demos: "OrderedDict[tuple, object]" = OrderedDict()   # vocabulary + settings -> SegmentationDemo
         self._results: List[Path] = []
@@ -110,7 +115,8 @@ class WebSegmenter:
                 bg_thresh: float = DEFAULT_BG_THRESH, templates: str = "simple") -> Dict:
         """-> {'overlay', 'groups', 'label_png', 'json': paths, 'summary': the JSON's content, 'seconds'}.
 
-        Raises PageInputError (shown in the page) for a missing or unreadable photo and for bad class names."""
+        Raises PageInputError (shown in the page) for a missing or unreadable photo, one above the pixel limit,
+        and for bad class names."""
         from seg_segmentation.visualize import run_visualization
         if not photo:
             raise PageInputError("upload a photo (or pick an example) first")
@@ -120,7 +126,8 @@ class WebSegmenter:
         demo = self.demo_for(names, background, bg_thresh, templates)
         out = self._new_result_dir()
         start = time.perf_counter()
-        report = run_visualization(demo, [Path(photo)], out, modes=[OVERLAY_MODE, GROUPS_MODE], progress=False)
+        report = run_visualization(demo, [Path(photo)], out, modes=[OVERLAY_MODE, GROUPS_MODE], progress=False,
+                                   max_image_pixels=self.max_image_pixels)
         seconds = time.perf_counter() - start
         if not report["written"]:
             reason = report["skipped"][0][1] if report["skipped"] else "nothing was written"
@@ -158,13 +165,13 @@ def load_segmenter(args) -> WebSegmenter:
         raise DemoSetupError(f"the released SegCLIP checkpoint {released_path} is missing and could not be fetched: "
                              f"{e}\nOr start the demo with any SegCLIP checkpoint: python demo/app.py --init_model "
                              f"PATH (e.g. the quickstart's output/quickstart/train/pytorch_model.bin.1)") from None
-    model = load_segclip(ckpt, device=device, use_vision_mae_recon=False)
+    model = load_segclip(ckpt, device=device, use_vision_mae_recon=False, precision=args.precision)
     if args.first_stage_layer is not None and args.first_stage_layer != model.config.first_stage_layer:
         raise UsageError(f"--first_stage_layer {args.first_stage_layer} does not match the checkpoint "
                          f"({model.config.first_stage_layer}); leave the flag out")
     released = args.init_model is None or Path(ckpt).resolve() == released_path.resolve()
     return WebSegmenter(model, Path(ckpt), released, device, crop=args.crop_size, stride=args.stride,
-                        resolution=args.resolution)
+                        resolution=args.resolution, max_image_pixels=args.max_image_pixels)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -215,15 +222,15 @@ def build_page(seg: WebSegmenter, examples_dir: Path = EXAMPLES_DIR):
     import gradio as gr
     import numpy as np
 
+    from common.images import ImageReadError, read_image_bgr
     from seg_segmentation.templates import TEMPLATES
-    from seg_segmentation.visualize import ImageReadError, read_image_bgr
 
     def preview(photo):
         """The uploaded file as the reader used for inference decodes it (so an unreadable file is named now)."""
         if not photo:
             return None, ""
         try:
-            bgr = read_image_bgr(Path(photo))
+            bgr = read_image_bgr(Path(photo), seg.max_image_pixels)
         except ImageReadError as e:
             return None, error_md(str(e).replace(str(photo), Path(photo).name))
         h, w = bgr.shape[:2]

@@ -25,6 +25,7 @@ from PIL import Image
 
 from demo import app
 
+PIXEL_LIMIT = 200_000
 REQUIRE_BROWSER = os.environ.get("SEGCLIP_REQUIRE_BROWSER", "").strip() not in ("", "0")
 
 
@@ -52,9 +53,10 @@ def server(repo_root, tiny_checkpoint, tmp_path):
     """`python demo/app.py` on a free port, serving until the test ends -> its URL."""
     port = _free_port()
     log = open(tmp_path / "app.log", "w")
+    # pixel limit between chelsea (451 x 300) and astronaut (512 x 512), so the page can be shown a photo too large
     proc = subprocess.Popen([sys.executable, str(repo_root / "demo" / "app.py"), "--init_model", str(tiny_checkpoint),
-                             "--port", str(port), "--device", "cpu"], cwd=tmp_path, env=_offline_env(tmp_path),
-                            stdout=log, stderr=subprocess.STDOUT)
+                             "--port", str(port), "--device", "cpu", "--max_image_pixels", str(PIXEL_LIMIT)],
+                            cwd=tmp_path, env=_offline_env(tmp_path), stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + 180
@@ -234,7 +236,8 @@ def test_browser_upload_segment_download_and_bad_input(server, browser, repo_roo
     shot = tmp_path / "web_demo.png"
     _full_page_screenshot(browser, shot)
 
-    # 2. bad input: a file that is not an image, then duplicate names -> a message in the page each time
+    # 2. bad input: a file that is not an image, a photo above the pixel limit, duplicate names -> a message in
+    # the page each time
     notes = tmp_path / "notes.jpg"
     notes.write_text("this is not an image")
     _upload(browser, notes)
@@ -244,6 +247,9 @@ def test_browser_upload_segment_download_and_bad_input(server, browser, repo_roo
     # no stale results next to the error (the components re-render a moment after the status line)
     _wait(lambda: not browser.find_elements(By.CSS_SELECTOR, "#downloads a") and not _text(browser, "#shares"),
           timeout=20, what="the previous results to be cleared")
+    _upload(browser, repo_root / "demo" / "examples" / "astronaut.jpg")
+    _wait(lambda: "above the limit of 200,000 pixels" in _text(browser, "#status"), what="the pixel-limit message")
+    assert "above the limit" in _segment(browser, "Could not segment")
     _upload(browser, chelsea)
     _wait(lambda: "451×300" in _text(browser, "#status"), what="the preview of the second upload")
     _set_text(browser, "#classes textarea", "cat, wall, cat")
@@ -296,42 +302,53 @@ def test_bad_page_input_is_a_message(segmenter, repo_root, tmp_path, photo, clas
         segmenter.segment(paths[photo], classes, background)
 
 
+def test_photo_above_the_pixel_limit(tiny_model, tiny_checkpoint, repo_root, tmp_path):
+    seg = app.WebSegmenter(tiny_model, tiny_checkpoint, released=False, device="cpu", max_image_pixels=100_000,
+                           work_dir=tmp_path / "work")
+    with pytest.raises(app.PageInputError, match=r"chelsea.jpg: 451 x 300 = 135,300 pixels is above the limit of 100,000"):
+        seg.segment(str(repo_root / "demo" / "examples" / "chelsea.jpg"), "cat")
+    seg.close()
+
+
 def test_background_as_a_class_without_background(segmenter, repo_root):
     r = segmenter.segment(str(repo_root / "demo" / "examples" / "chelsea.jpg"), "cat, background", background=False)
     assert r["summary"]["vocabulary"] == ["cat", "background"] and r["summary"]["background"] is False
     assert Image.open(r["label_png"]).size == (451, 300)
 
 
-def test_old_results_are_removed(segmenter, repo_root):
+def test_old_results_are_removed(segmenter, repo_root, monkeypatch):
+    monkeypatch.setattr(app, "KEEP_RESULTS", 2)
     photo = str(repo_root / "demo" / "examples" / "chelsea.jpg")
     first = segmenter.segment(photo, "cat")
-    for _ in range(app.KEEP_RESULTS):
+    for _ in range(2):
         last = segmenter.segment(photo, "cat")
     assert not first["label_png"].exists() and last["label_png"].exists()
+    assert len(list(segmenter.work_dir.iterdir())) == 2
 
 
-def test_missing_released_checkpoint_says_so(repo_root, tmp_path):
-    proc = subprocess.run([sys.executable, str(repo_root / "demo" / "app.py"), "--cache_dir", str(tmp_path / "none"),
-                           "--port", str(_free_port())], cwd=tmp_path, env=_offline_env(tmp_path),
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "released SegCLIP checkpoint" in proc.stderr and "--init_model" in proc.stderr
-    assert "Traceback" not in proc.stderr
+@pytest.fixture()
+def offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("SEGCLIP_OFFLINE", "1")
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
 
 
-def test_port_in_use(repo_root, tiny_checkpoint, tmp_path):
+def test_missing_released_checkpoint_says_so(offline, tmp_path, capsys):
+    assert app.main(["--cache_dir", str(tmp_path / "none"), "--port", str(_free_port())]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert "released SegCLIP checkpoint" in err and "--init_model" in err
+
+
+def test_explicit_missing_checkpoint(offline, tmp_path, capsys):
+    assert app.main(["--init_model", str(tmp_path / "nope.bin"), "--port", str(_free_port())]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "checkpoint not found" in err
+
+
+def test_port_in_use(offline, tiny_checkpoint, capsys):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        proc = subprocess.run([sys.executable, str(repo_root / "demo" / "app.py"), "--init_model",
-                               str(tiny_checkpoint), "--port", str(taken.getsockname()[1])], cwd=tmp_path,
-                              env=_offline_env(tmp_path), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "cannot serve on 127.0.0.1" in proc.stderr and "--port" in proc.stderr
-    assert "Traceback" not in proc.stderr
-
-
-def test_explicit_missing_checkpoint(repo_root, tmp_path):
-    proc = subprocess.run([sys.executable, str(repo_root / "demo" / "app.py"), "--init_model",
-                           str(tmp_path / "nope.bin")], cwd=tmp_path, env=_offline_env(tmp_path),
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "checkpoint not found" in proc.stderr and "Traceback" not in proc.stderr
+        assert app.main(["--init_model", str(tiny_checkpoint), "--port", str(taken.getsockname()[1])]) == 2
+    err = capsys.readouterr().err
+    assert "cannot serve on 127.0.0.1" in err and "--port" in err
