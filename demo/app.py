@@ -15,8 +15,10 @@ import html
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -82,10 +84,11 @@ class WebSegmenter:
         self.model, self.checkpoint, self.released, self.device = model, Path(checkpoint), released, device
         self.crop, self.stride, self.resolution = crop, stride, resolution
         self.max_image_pixels = max_image_pixels
-        self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="segclip-web-"))
+        self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="segclip-web-", suffix=f"-{os.getpid()}"))
         self._demos: "OrderedDict[tuple, object]" = OrderedDict()   # vocabulary + settings -> SegmentationDemo
         self._results: List[Path] = []
         self._count = 0
+        self._lock = threading.Lock()   # one request at a time uses the model (the page's events run in threads)
 
     def vocabulary(self, classes: str, background: bool) -> List[str]:
         from seg_segmentation.classes import parse_class_list
@@ -123,12 +126,13 @@ class WebSegmenter:
         names = self.vocabulary(classes, background)
         if not 0.0 <= float(bg_thresh) <= 1.0:
             raise PageInputError(f"the background threshold must be in [0, 1], got {bg_thresh}")
-        demo = self.demo_for(names, background, bg_thresh, templates)
-        out = self._new_result_dir()
-        start = time.perf_counter()
-        report = run_visualization(demo, [Path(photo)], out, modes=[OVERLAY_MODE, GROUPS_MODE], progress=False,
-                                   max_image_pixels=self.max_image_pixels)
-        seconds = time.perf_counter() - start
+        with self._lock:
+            demo = self.demo_for(names, background, bg_thresh, templates)
+            out = self._new_result_dir()
+            start = time.perf_counter()
+            report = run_visualization(demo, [Path(photo)], out, modes=[OVERLAY_MODE, GROUPS_MODE], progress=False,
+                                       max_image_pixels=self.max_image_pixels)
+            seconds = time.perf_counter() - start
         if not report["written"]:
             reason = report["skipped"][0][1] if report["skipped"] else "nothing was written"
             # the reader names the uploaded file by its temporary path; the user knows it by its own name
@@ -287,10 +291,9 @@ def build_page(seg: WebSegmenter, examples_dir: Path = EXAMPLES_DIR):
                                 interactive=False, elem_id="downloads")
         photo.change(preview, inputs=photo, outputs=[shown, status])
         background.change(lambda on: gr.update(interactive=on), inputs=background, outputs=bg_thresh)
-        go.click(run, inputs=[photo, classes, background, bg_thresh, templates],
-                 outputs=[overlay, groups, shares, files, status], concurrency_limit=1)
-        classes.submit(run, inputs=[photo, classes, background, bg_thresh, templates],
-                       outputs=[overlay, groups, shares, files, status], concurrency_limit=1)
+        # Segment and Enter in the names box share one queue: requests are answered in order, one at a time
+        gr.on([go.click, classes.submit], run, inputs=[photo, classes, background, bg_thresh, templates],
+              outputs=[overlay, groups, shares, files, status], concurrency_limit=1, concurrency_id="segment")
     return page
 
 
@@ -325,6 +328,8 @@ def main(argv=None) -> int:
     seg = load_segmenter(args)
     print(f"{model_line(seg).replace('**', '').replace('`', '')}\nServing on http://{args.host}:{args.port}",
           flush=True)
+    # a terminated server (SIGTERM, as from a service manager) removes its result folder like Ctrl-C does
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     try:
         build_page(seg).launch(server_name=args.host, server_port=args.port, theme=offline_theme(), css=CSS,
                                ssr_mode=False, show_error=False, quiet=True, footer_links=["gradio", "settings"])

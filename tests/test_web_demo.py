@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -81,6 +82,8 @@ def server(repo_root, tiny_checkpoint, tmp_path):
             proc.kill()
             proc.wait()
         log.close()
+    assert proc.returncode == 0, (tmp_path / "app.log").read_text()     # SIGTERM: a clean exit
+    assert not list(Path(tempfile.gettempdir()).glob(f"segclip-web-*-{proc.pid}")), "result folder left behind"
 
 
 @pytest.fixture()
