@@ -42,18 +42,16 @@ def check_image_size(path: PathLike, max_pixels: Optional[int] = DEFAULT_MAX_IMA
     Raises ImageTooLargeError above the limit, ImageReadError when the file is not an image Pillow can identify.
     """
     limit = int(max_pixels) if max_pixels else 0
-    if limit and Image.MAX_IMAGE_PIXELS is not None and limit > Image.MAX_IMAGE_PIXELS:
-        # Pillow refuses at open() beyond twice its own limit; a user who allows more must get to read the size
-        Image.MAX_IMAGE_PIXELS = limit
+    if Image.MAX_IMAGE_PIXELS is not None and (not limit or limit > Image.MAX_IMAGE_PIXELS):
+        # Pillow refuses at open() beyond twice its own (process-wide) limit; a user who allows more, or asks for
+        # no limit, raises Pillow's too
+        Image.MAX_IMAGE_PIXELS = limit or None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:      # lazy: parses the header, decodes nothing
                 size, mode = im.size, im.mode
-    except Image.DecompressionBombError:
-        if not limit:
-            raise ImageReadError(f"{path}: Pillow refuses this image as a decompression bomb; give a pixel limit "
-                                 f"above its size with --max_image_pixels") from None
+    except Image.DecompressionBombError:     # above twice Pillow's limit, itself at least ours
         raise _too_large(path, f"more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels", limit) from None
     except FileNotFoundError:
         raise ImageReadError(f"{path}: file not found") from None
