@@ -41,6 +41,7 @@ def timed(fn, device, repeats, warmup=1):
 
 
 def peak_mem_mb(device):
+    """CUDA: peak allocated since the last reset (one per dtype); CPU: the process's peak RSS so far."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -68,6 +69,9 @@ def main():
             amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dt]
             ctx = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
             row = {"device": dev_name, "dtype": dt}
+            if device.type == "cuda":   # each dtype's own peak, not the largest so far
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
             model.eval()
             for b in (1, 2, 8):
                 x = torch.randn(b, 3, 224, 224, device=device)
@@ -99,8 +103,8 @@ def main():
             results.append(row)
             print(json.dumps(row))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        from common.fileio import atomic_write_text
+        atomic_write_text(args.json, json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":

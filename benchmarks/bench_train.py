@@ -107,6 +107,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     ap.add_argument("--find_max_batch", action="store_true",
                     help="GPU: also double the batch until out of memory and time the largest that fits")
+    ap.add_argument("--max_batch", type=int, default=4096, help="--find_max_batch stops doubling here")
+    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     ap.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     ap.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -123,7 +125,7 @@ def main(argv=None):
         print(json.dumps(r), flush=True)
         if args.find_max_batch and args.device.startswith("cuda"):
             b, best = args.batch_size * 2, None
-            while b <= 4096:
+            while b <= args.max_batch:
                 r = run_child(args, prec, b)
                 if "error" in r:
                     break
@@ -132,6 +134,9 @@ def main(argv=None):
                 b *= 2
             if best:
                 results.append(dict(best, largest_fitting_batch=True))
+    if args.json:
+        from common.fileio import atomic_write_text
+        atomic_write_text(args.json, json.dumps(results, indent=1) + "\n")
     print("\nprecision  batch  s/step (fwd+bwd)  samples/s  CPU-s/step (fwd+bwd)  peak mem   load")
     for r in results:
         if "error" in r:

@@ -156,6 +156,14 @@ class ShardResult(NamedTuple):
     error: Optional[BaseException]      # what stopped this rank, if anything
 
 
+def make_loader(shard: ZeroShotSegDataset, cfg: EvalConfig, device: torch.device):
+    """Samples one at a time (sizes differ), decoded in ``cfg.num_workers`` processes; on CUDA the batches are in
+    pinned memory, so each whole image reaches the GPU by an asynchronous copy (the crops are cut there)."""
+    return torch.utils.data.DataLoader(shard, batch_size=1, shuffle=False, num_workers=cfg.num_workers,
+                                       collate_fn=collate_list, pin_memory=device.type == 'cuda',
+                                       persistent_workers=False)
+
+
 def predict_shard(seg: ZeroShotSegmentor, shard: ZeroShotSegDataset, cfg: EvalConfig, num_classes: int,
                   on_prediction: Optional[Callable] = None, bar=None) -> ShardResult:
     """Predict this rank's images and sum their areas. Never raises: an error is returned, so that the caller
@@ -164,15 +172,13 @@ def predict_shard(seg: ZeroShotSegmentor, shard: ZeroShotSegDataset, cfg: EvalCo
     device = seg.device
     areas = torch.zeros(4, C, dtype=torch.int64, device=device)    # on the device: no synchronisation per image
     done = 0
-    loader = torch.utils.data.DataLoader(shard, batch_size=1, shuffle=False, num_workers=cfg.num_workers,
-                                         collate_fn=collate_list, pin_memory=device.type == 'cuda',
-                                         persistent_workers=False)
+    loader = make_loader(shard, cfg, device)
 
     def flush(pending):
         preds = seg.predict([p['img'] for p in pending], [p['ori_shape'] for p in pending],
                             crop=cfg.crop, stride=cfg.stride, batch_size=cfg.batch_size)
         for p, pred in zip(pending, preds):
-            gt = p['gt'].to(pred.device)
+            gt = p['gt'].to(pred.device, non_blocking=True)
             bad = gt[(gt != IGNORE_INDEX) & (gt >= C)]
             if bad.numel():   # mmseg's histogram would silently drop them
                 raise DatasetError(f'{p["img_path"]}: label {int(bad.max())} but only {C} class names')
