@@ -327,3 +327,35 @@ def test_missing_released_checkpoint_offline_is_a_clear_error(voc_root, tmp_path
     monkeypatch.setenv('SEGCLIP_OFFLINE', '1')
     rc, _, err = _main(['--dataset', 'voc', '--data_root', voc_root, '--cache_dir', tmp_path / 'cache'], capsys)
     assert rc == 2 and 'segclip.bin' in err and 'Traceback' not in err
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_equal_one_process(tmp_path, repo_root, tiny_checkpoint):
+    """Two torchrun "nodes" (--nnodes 2 --nproc_per_node 1, gloo, rendezvous on 127.0.0.1) evaluate what one
+    process evaluates: the same areas, mIoU and saved predictions."""
+    root = write_fake_dataset('voc', tmp_path / 'data', num_images=5, sizes=SIZES, seed=11)
+    common = ['--dataset', 'voc', '--data_root', root, '--init_model', tiny_checkpoint, '--num_workers', '0',
+              '--batch_size', '3', '--no_progress'] + SMALL
+    r1 = run_cli(repo_root, common + ['--output', tmp_path / 'one.json', '--save_pred', tmp_path / 'p1'])
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    port = _free_port()
+    nodes = [subprocess.Popen(
+        [sys.executable, '-m', 'torch.distributed.run', '--nnodes', '2', '--nproc_per_node', '1', '--node_rank',
+         str(rank), '--master_addr', '127.0.0.1', '--master_port', str(port), str(repo_root / 'main_seg_zeroshot.py')]
+        + [str(a) for a in common + ['--output', tmp_path / 'two.json', '--save_pred', tmp_path / 'p2']],
+        cwd=repo_root, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outs = [n.communicate(timeout=300) for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], [o[1][-2000:] for o in outs]
+    one, two = json.loads((tmp_path / 'one.json').read_text()), json.loads((tmp_path / 'two.json').read_text())
+    assert two['world_size'] == 2 and two['images'] == one['images'] == 5
+    assert two['areas'] == one['areas'] and two['mIoU'] == one['mIoU'] and two['per_class'] == one['per_class']
+    p1, p2 = sorted((tmp_path / 'p1').iterdir()), sorted((tmp_path / 'p2').iterdir())
+    assert [p.name for p in p1] == [p.name for p in p2] and len(p1) == 5
+    assert all(np.array_equal(np.array(Image.open(a)), np.array(Image.open(b))) for a, b in zip(p1, p2))
