@@ -51,7 +51,7 @@ def build_parser():
     g.add_argument('--max_images', type=int, default=None, help='evaluate only the first N images (quick checks)')
     g.add_argument('--output', default=None, help='write the results (per-class IoU, mIoU, aAcc, timing) as JSON')
     g.add_argument('--save_pred', default=None, help='folder for the predicted label maps (palette PNGs)')
-    g.add_argument('--seed', type=int, default=42,
+    g.add_argument('--seed', type=int, default=cli.PAPER_SEED,
                    help='seed of the freshly initialised centers of --init_model none (the evaluation itself is '
                         'deterministic)')
     g.add_argument('--tag', default=None, help='a label for this run, stored in the --output JSON')

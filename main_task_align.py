@@ -72,7 +72,8 @@ def build_parser():
                         "gradient (each one is skipped); the last good training state stays the latest. 0: never")
     g.add_argument("--no_tf32", action="store_true",
                    help="--amp off on a GPU with TF32 (Ampere or later): keep matmuls in full fp32 instead of TF32")
-    g.add_argument("--seed", type=int, default=42, help="seed of initialisation, data order and augmentation")
+    g.add_argument("--seed", type=int, default=cli.PAPER_SEED,
+                   help="seed of initialisation, data order and augmentation")
     g.add_argument("--max_words", type=int, default=77, help="caption tokens incl. SOT/EOT (the recipe uses 32)")
     # ---- data loading
     g = p.add_argument_group("data loading")

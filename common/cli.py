@@ -25,6 +25,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence
 import yaml
 
 from common.errors import SegCLIPError, UsageError
+from common.ranks import is_rank_zero
 
 # --cfg / --opts keys of the 2022 configs (GroupViT-style ``default.yml``) -> our flag names; None = accepted and
 # ignored (settings of the 2022 training framework that have no meaning here). Scripts may add their own.
@@ -34,6 +35,7 @@ LEGACY_SETTINGS: Dict[str, Optional[str]] = {
     "tag": None, "model_name": None, "amp_opt_level": None, "vis": None,
 }
 AMP_CHOICES = ("off", "bf16", "fp16")
+PAPER_SEED = 42    # the seed of the published training run (design.md §5), the default of every --seed
 _NOT_SETTINGS = ("help", "cfg", "opts")
 
 
@@ -211,7 +213,7 @@ def ignored_flags(args) -> List[str]:
 def note_ignored_flags(args) -> None:
     """One ``note:`` line on stderr (rank 0) naming the 2022 flags given that have no effect."""
     ignored = ignored_flags(args)
-    if ignored and _is_rank_zero():
+    if ignored and is_rank_zero():
         print(f"note: {', '.join(ignored)} ignored (2022 flags without effect here)", file=sys.stderr, flush=True)
 
 
@@ -461,10 +463,6 @@ def _os_reason(e: OSError) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- entry wrapper
-def _is_rank_zero() -> bool:
-    return int(os.environ.get("RANK", "0") or 0) == 0
-
-
 def error_line(e: BaseException) -> str:
     """One line: the message with its line breaks folded (a message may quote a command to run)."""
     text = " ".join(part.strip() for part in str(e).splitlines() if part.strip())
@@ -481,7 +479,7 @@ def run_main(main: Callable[..., Optional[int]]) -> Callable[..., int]:
         try:
             return int(main(argv) or 0)
         except SegCLIPError as e:
-            if _is_rank_zero():
+            if is_rank_zero():
                 with contextlib.suppress(Exception):
                     sys.stdout.flush()
                 print(error_line(e), file=sys.stderr, flush=True)

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from common.errors import MissingFileError, SegCLIPError, brief
 from common.fileio import OutputError, atomic_open, remove_stale_temporaries
+from common.state_keys import diff_keys
 
 SEGCLIP_URL = "https://github.com/ArrowLuo/SegCLIP/releases/download/checkpoint_v0/segclip.bin"
 SEGCLIP_FILENAME = "segclip.bin"
@@ -192,11 +193,10 @@ def _exclusive(dest: Path, how: str) -> Iterator[None]:
 
 def check_segclip_keys(state_dict: Dict, expected: set) -> None:
     """Raise ValueError naming the missing / unexpected keys unless the key set is exactly ``expected``."""
-    found = set(state_dict)
-    missing, unexpected = sorted(expected - found), sorted(found - expected)
-    if missing or unexpected:
-        raise ValueError(f"expected the {len(expected)} keys of the released SegCLIP checkpoint, found {len(found)}: "
-                         f"{len(missing)} missing {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}")
+    diff = diff_keys(expected, set(state_dict))
+    if diff:
+        raise ValueError(f"expected the {len(expected)} keys of the released SegCLIP checkpoint, found "
+                         f"{len(state_dict)}: {diff.describe(limit=3)}")
 
 
 def _verify_segclip_file(path: Path, expected_keys: Optional[ExpectedKeys]) -> None:

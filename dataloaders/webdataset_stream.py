@@ -11,7 +11,6 @@ path, then the train transform; superpixels (``use_seglabel``) are computed on t
 """
 import json
 import logging
-import os
 import random
 from pathlib import Path
 from typing import List, Optional
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from common.ranks import rank_and_world
 from dataloaders.build_stores import iter_tar_samples, list_shards, sample_caption, sample_image
 from dataloaders.imageio import decode_rgb, resize_short_side
 from dataloaders.transforms import TrainTransform
@@ -41,12 +41,6 @@ def count_samples(shards: List[Path]) -> int:
                 pass
         total += sum(1 for s in iter_tar_samples(shard) if sample_image(s) is not None)
     return total
-
-
-def _rank_world():
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 class WebDatasetStream(IterableDataset):
@@ -73,7 +67,7 @@ class WebDatasetStream(IterableDataset):
 
     def __len__(self) -> int:
         """Samples per rank per epoch (world size read now: call after the process group is initialised)."""
-        return self.samples_per_epoch // _rank_world()[1]
+        return self.samples_per_epoch // rank_and_world()[1]
 
     def _slot_samples(self, order: List[Path], rank: int, world: int, wid: int, nw: int, per_rank: int):
         """One pass over the raw samples of this (rank, worker) slot, for a shard order shared by all slots."""
@@ -114,7 +108,7 @@ class WebDatasetStream(IterableDataset):
         return item
 
     def __iter__(self):
-        rank, world = _rank_world()
+        rank, world = rank_and_world()
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         if self.epoch is None:

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from common.errors import SegCLIPError
+from common.ranks import rank_and_world
 
 
 class DistributedSetupError(SegCLIPError, RuntimeError):
@@ -101,8 +102,7 @@ def init_distributed(local_rank: Optional[int] = None, device: Optional[str] = N
         for k, v in dict(defaults, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(slurm_local)).items():
             os.environ.setdefault(k, v)      # env:// rendezvous, resolve_local_rank and the data code read these
     local_rank = resolve_local_rank(local_rank)
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
+    rank, world_size = rank_and_world()
     dev = select_device(device, local_rank)
     use_cuda = dev.type == "cuda"
     if world_size <= 1:

@@ -15,8 +15,9 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 import numpy as np
 import torch
 
-from common.errors import SegCLIPError
+from common.errors import SegCLIPError, brief
 from common.fileio import atomic_torch_save
+from common.state_keys import diff_keys
 
 from .distributed import DistEnv, all_gather_objects, broadcast_object, on_main_process
 
@@ -75,8 +76,7 @@ def load_training_state(path: PathLike) -> Dict[str, Any]:
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
-        raise ResumeError(f"{path} is not a readable training state ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:200] if str(e) else ''})") from e
+        raise ResumeError(f"{path} is not a readable training state ({brief(e)})") from e
     if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
         if isinstance(state, Mapping) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ResumeError(f"{path} is a model state dict, not a training state: pass it as --init_model "
@@ -91,18 +91,11 @@ def load_training_state(path: PathLike) -> Dict[str, Any]:
 def check_model_fits(model_sd: Mapping[str, torch.Tensor], saved_sd: Mapping[str, torch.Tensor],
                      source: str = "resume file") -> None:
     """Raise ResumeError when the saved weights do not match the model built from the current flags."""
-    missing = sorted(set(model_sd) - set(saved_sd))
-    unexpected = sorted(set(saved_sd) - set(model_sd))
-    misshaped = [f"{k}: saved {tuple(saved_sd[k].shape)} vs model {tuple(model_sd[k].shape)}"
-                 for k in model_sd if k in saved_sd and saved_sd[k].shape != model_sd[k].shape]
-    if missing or unexpected or misshaped:
-        parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-            if items:
-                parts.append(f"{len(items)} {label}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}")
+    diff = diff_keys(model_sd, saved_sd, found_name="saved")
+    if diff:
         raise ResumeError(f"{source} was written for a different model architecture than the one these flags "
                           f"build (--pretrained_clip_name, --first_stage_layer, --use_vision_mae_recon ...): "
-                          + "; ".join(parts))
+                          + diff.describe(limit=5))
 
 
 def make_training_state(*, model_sd: Mapping[str, torch.Tensor], optimizer, scheduler, scaler, epoch: int,

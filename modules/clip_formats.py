@@ -22,6 +22,9 @@ from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
+from common.errors import brief
+
+from .config import heads_for_width
 from .state_dict import CheckpointError
 
 # ---------------------------------------------------------------------------------------------- TorchScript
@@ -213,9 +216,8 @@ def read_safetensors(path: Path) -> Dict[str, torch.Tensor]:
     try:
         return dict(load_file(str(path), device='cpu'))
     except Exception as e:  # noqa: BLE001 - the safetensors library reports damage with its own exception types
-        raise CheckpointError(f'{path} is not a readable .safetensors file ({type(e).__name__}: '
-                              f'{str(e).splitlines()[0][:160] if str(e) else ""}); delete it and download it '
-                              'again') from e
+        raise CheckpointError(f'{path} is not a readable .safetensors file ({brief(e)}); delete it and download '
+                              'it again') from e
 
 
 # ---------------------------------------------------------------------------------------------- layouts
@@ -295,9 +297,10 @@ def hf_config_facts(config: Mapping, source: str) -> str:
     for tower in ('text_config', 'vision_config'):
         c = config.get(tower) or {}
         width, heads = c.get('hidden_size'), c.get('num_attention_heads')
-        if width and heads and max(1, width // 64) != heads:
+        if width and heads and heads_for_width(width) != heads:
             raise CheckpointError(f'{source}: {tower} has {heads} heads of width {width // heads}; this CLIP '
-                                  f'implementation uses heads of width 64 (as OpenAI CLIP), i.e. {max(1, width // 64)}')
+                                  'implementation uses heads of width 64 (as OpenAI CLIP), i.e. '
+                                  f'{heads_for_width(width)}')
         if c.get('layer_norm_eps', 1e-5) != 1e-5:
             raise CheckpointError(f'{source}: {tower} uses layer_norm_eps {c["layer_norm_eps"]}, not 1e-5')
         acts.add(c.get('hidden_act', 'quick_gelu'))

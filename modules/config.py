@@ -1,4 +1,5 @@
 """The model's sizes, and how to read them off a state dict (CLIP's habit: no size is ever passed by hand)."""
+import re
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -35,7 +36,7 @@ class SegCLIPConfig:
 
     @property
     def vision_heads(self) -> int:
-        return max(1, self.vision_width // 64)
+        return heads_for_width(self.vision_width)
 
     @property
     def grid_size(self) -> int:
@@ -48,29 +49,38 @@ class SegCLIPConfig:
         return self
 
 
+def heads_for_width(width: int) -> int:
+    """Attention heads of a CLIP tower of this width: OpenAI CLIP's heads are 64 wide."""
+    return max(1, width // 64)
+
+
+def _shared_sizes(sd: Mapping[str, torch.Tensor], prefix: str) -> dict:
+    """The sizes both layouts hold under ``prefix`` ('' for OpenAI CLIP, 'clip.' for SegCLIP): embedding, image
+    resolution and patch, visual width, context, vocabulary, and the text tower."""
+    conv = sd[prefix + "visual.conv1.weight"]                                   # [W, 3, P, P]
+    grid = int(round((sd[prefix + "visual.positional_embedding"].shape[0] - 1) ** 0.5))
+    text_width = sd[prefix + "ln_final.weight"].shape[0]
+    text = re.escape(prefix) + r"transformer\.resblocks\.(\d+)\."   # anchored at the start: text blocks only
+    return dict(embed_dim=sd[prefix + "text_projection"].shape[1], image_resolution=conv.shape[-1] * grid,
+                vision_width=conv.shape[0], vision_patch_size=conv.shape[-1],
+                context_length=sd[prefix + "positional_embedding"].shape[0],
+                vocab_size=sd[prefix + "token_embedding.weight"].shape[0], text_width=text_width,
+                text_heads=heads_for_width(text_width), text_layers=count_indices(sd, text))
+
+
 def config_from_state_dict(sd: Mapping[str, torch.Tensor], use_vision_mae_recon: Optional[bool] = None, **overrides):
     """Infer a SegCLIPConfig from a SegCLIP state dict (2022 names)."""
     refuse_clip_layout(sd, "the checkpoint")
     require_keys(sd, "clip.visual.conv1.weight", "clip.visual.positional_embedding", "clip.text_projection",
-             "clip.token_embedding.weight", "clip.positional_embedding", "clip.ln_final.weight",
-             "clip.visual.transformer.semantic_layer2.semantic_center")
-    conv = sd["clip.visual.conv1.weight"]
-    patch = conv.shape[-1]
-    grid = int(round((sd["clip.visual.positional_embedding"].shape[0] - 1) ** 0.5))
+                 "clip.token_embedding.weight", "clip.positional_embedding", "clip.ln_final.weight",
+                 "clip.visual.transformer.semantic_layer2.semantic_center")
     first = count_indices(sd, r"clip\.visual\.transformer\.layers0\.(\d+)\.")
     second = count_indices(sd, r"clip\.visual\.transformer\.layers2\.(\d+)\.")
-    text_width = sd["clip.ln_final.weight"].shape[0]
     has_decoder = any(k.startswith("vis_mae_decoder.") for k in sd)
-    if use_vision_mae_recon is None:
-        use_vision_mae_recon = has_decoder
-    kw = dict(
-        embed_dim=sd["clip.text_projection"].shape[1], image_resolution=patch * grid, vision_width=conv.shape[0],
-        vision_layers=first + second, vision_patch_size=patch, context_length=sd["clip.positional_embedding"].shape[0],
-        vocab_size=sd["clip.token_embedding.weight"].shape[0], text_width=text_width, text_heads=max(1, text_width // 64),
-        text_layers=count_indices(sd, r"clip\.transformer\.resblocks\.(\d+)\."), first_stage_layer=first,
-        num_centers=sd["clip.visual.transformer.semantic_layer2.semantic_center"].shape[0],
-        mae_layers=count_indices(sd, r"clip\.visual\.transformer\.layers_mae2\.(\d+)\.") or 2,
-        use_vision_mae_recon=use_vision_mae_recon)
+    kw = dict(_shared_sizes(sd, "clip."), vision_layers=first + second, first_stage_layer=first,
+              num_centers=sd["clip.visual.transformer.semantic_layer2.semantic_center"].shape[0],
+              mae_layers=count_indices(sd, r"clip\.visual\.transformer\.layers_mae2\.(\d+)\.") or 2,
+              use_vision_mae_recon=has_decoder if use_vision_mae_recon is None else use_vision_mae_recon)
     if has_decoder:
         kw["decoder_width"] = sd["vis_mae_decoder.decoder_embed.weight"].shape[0]
         kw["decoder_depth"] = count_indices(sd, r"vis_mae_decoder\.decoder_blocks\.(\d+)\.")
@@ -80,13 +90,5 @@ def config_from_state_dict(sd: Mapping[str, torch.Tensor], use_vision_mae_recon:
 
 def clip_config(sd: Mapping[str, torch.Tensor], first_stage_layer: int = 10, **kw):
     """SegCLIPConfig for an OpenAI-layout CLIP ViT state dict."""
-    conv = sd["visual.conv1.weight"]
-    grid = int(round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5))
-    text_width = sd["ln_final.weight"].shape[0]
-    return SegCLIPConfig(
-        embed_dim=sd["text_projection"].shape[1], image_resolution=conv.shape[-1] * grid, vision_width=conv.shape[0],
-        vision_layers=count_indices(sd, r"visual\.transformer\.resblocks\.(\d+)\."), vision_patch_size=conv.shape[-1],
-        context_length=sd["positional_embedding"].shape[0], vocab_size=sd["token_embedding.weight"].shape[0],
-        text_width=text_width, text_heads=max(1, text_width // 64),
-        text_layers=count_indices(sd, r"transformer\.resblocks\.(\d+)\."),  # anchored at the start: text blocks only
-        first_stage_layer=first_stage_layer, **kw)
+    return SegCLIPConfig(**_shared_sizes(sd, ""), first_stage_layer=first_stage_layer,
+                         vision_layers=count_indices(sd, r"visual\.transformer\.resblocks\.(\d+)\."), **kw)

@@ -22,13 +22,16 @@ class LayerNorm(nn.LayerNorm):
         return out.to(dtype)
 
 
-class QuickGELU(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
-
-
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """CLIP's sigmoid approximation of GELU (its weights were trained with it)."""
     return x * torch.sigmoid(1.702 * x)
+
+
+class QuickGELU(nn.Module):
+    """``quick_gelu`` as a module (the MLPs' ``gelu`` entry; it has no parameters, so no state-dict key)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quick_gelu(x)
 
 
 class MultiheadAttention(nn.Module):

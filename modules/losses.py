@@ -7,9 +7,9 @@ are off by ~0.1 and the superpixel counts ``S @ P`` are inexact above 256 patche
 import functools
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from common.ranks import rank_and_world
 from .mae import patchify
 
 
@@ -25,7 +25,7 @@ def _fp32(loss_fn):
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """All-gather [B, D] from every rank -> [world*B, D]; gradients flow back to each rank's slice."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if rank_and_world(use_env=False)[1] == 1:
         return x
     from torch.distributed.nn.functional import all_gather
     return torch.cat(all_gather(x), dim=0)
@@ -37,7 +37,7 @@ def contrastive_loss(image_embed: torch.Tensor, text_embed: torch.Tensor, logit_
     v = F.normalize(image_embed.float(), dim=-1)
     t = F.normalize(text_embed.float(), dim=-1)
     v_all, t_all = gather_with_grad(v), gather_with_grad(t)
-    rank = dist.get_rank() if v_all.shape[0] != v.shape[0] else 0
+    rank = rank_and_world(use_env=False)[0] if v_all.shape[0] != v.shape[0] else 0
     targets = torch.arange(v.shape[0], device=v.device) + v.shape[0] * rank
     s = logit_scale.float()
     logits_t2v = s * t @ v_all.t()

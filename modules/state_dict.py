@@ -4,12 +4,13 @@ State-dict names are those of the released checkpoint (docs/design.md, "State-di
 """
 import logging
 import re
-from typing import Dict, List, Mapping
+from typing import Dict, Mapping
 
 import torch
 from torch import nn
 
 from common.errors import SegCLIPError
+from common.state_keys import diff_keys
 
 logger = logging.getLogger(__name__)
 
@@ -83,21 +84,10 @@ def load_into(model: nn.Module, sd: Mapping[str, torch.Tensor], strict: bool = T
         refuse_clip_layout(sd, "the checkpoint")
     has_decoder = any(k.startswith("vis_mae_decoder.") for k in own)
     sd = {k: v for k, v in sd.items() if has_decoder or not k.startswith("vis_mae_decoder.")}
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    misshaped = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-                 for k in own if k in sd and sd[k].shape != own[k].shape]
-    if misshaped or (strict and (missing or unexpected)):
-        def show(items):
-            return ", ".join(items[:8]) + (f" ... (+{len(items) - 8} more)" if len(items) > 8 else "")
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys: {show(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys: {show(unexpected)}")
-        if misshaped:
-            parts.append(f"{len(misshaped)} mis-shaped tensors: {show(misshaped)}")
-        raise CheckpointError(f"checkpoint does not fit the {what} model: " + "; ".join(parts))
+    diff = diff_keys(own, sd)
+    missing, unexpected = diff.missing, diff.unexpected
+    if diff.misshaped or (strict and diff):
+        raise CheckpointError(f"checkpoint does not fit the {what} model: {diff.describe()}")
     if missing or unexpected:
         logger.warning("loading with %d missing and %d unexpected keys (missing: %s; unexpected: %s)",
                        len(missing), len(unexpected), missing[:5], unexpected[:5])

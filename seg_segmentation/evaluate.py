@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from common.errors import SegCLIPError, UsageError
 from common.images import DEFAULT_MAX_IMAGE_PIXELS
+from common.ranks import rank_and_world
 from . import mmcv_compat  # noqa: F401
 from .classes import BG_THRESH, DATASET_CLASSES, validate_class_names
 from .datasets import CUSTOM_DATASET, LAYOUTS, DatasetError, ZeroShotSegDataset, collate_list
@@ -62,14 +63,8 @@ class EvalError(SegCLIPError, RuntimeError):
     """The evaluation could not finish on some rank (the message says why and what to change)."""
 
 
-def _dist_info():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if _dist_info()[1] == 1:
+    if rank_and_world(use_env=False)[1] == 1:
         return t
     # NCCL reduces CUDA tensors only; gloo CPU tensors
     work = t.to(device) if dist.get_backend() == 'nccl' else t.cpu()
@@ -186,7 +181,7 @@ def predict_shard(seg: ZeroShotSegmentor, shard: ZeroShotSegDataset, cfg: EvalCo
             if on_prediction is not None:
                 on_prediction(p['img_path'], pred.cpu())
         if bar is not None:
-            bar.update(len(pending) * _dist_info()[1])
+            bar.update(len(pending) * rank_and_world(use_env=False)[1])
         return len(pending)
 
     try:
@@ -232,7 +227,7 @@ def build_report(areas: torch.Tensor, names: Sequence[str], images: int, seconds
     templates = cfg.templates if isinstance(cfg.templates, str) else list(cfg.templates)
     result.update(
         dataset=cfg.dataset, images=images, seconds=seconds, images_per_s=images / seconds if seconds > 0 else None,
-        num_classes=len(names), world_size=_dist_info()[1],
+        num_classes=len(names), world_size=rank_and_world(use_env=False)[1],
         areas=dict(intersect=areas[0].tolist(), union=areas[1].tolist(), pred=areas[2].tolist(),
                    label=areas[3].tolist()),
         settings=dict(data_root=data_root, templates=templates, with_bg=with_bg,
@@ -259,7 +254,7 @@ def run_zero_shot_eval(model, config: Optional[EvalConfig] = None, on_prediction
     from modules.precision import model_precision
     cfg = dataclasses.replace(config or EvalConfig(), **settings)
     names, with_bg, bg_thresh = cfg.vocabulary()
-    rank, world = _dist_info()
+    rank, world = rank_and_world(use_env=False)
     net = unwrap_model(model)
     cfg.device = torch.device(cfg.device) if cfg.device is not None else next(net.parameters()).device
     was_training = net.training

@@ -82,7 +82,7 @@ def test_checkpoint_without_mae_decoder_loads(reference, tmp_path):
 def test_missing_and_misshaped_keys_are_named(reference, tmp_path):
     sd = dict(reference["segclip_state_dict"])
     del sd["clip.visual.transformer.layers2.1.ln_2.bias"]
-    with pytest.raises(CheckpointError, match=r"missing keys: clip\.visual\.transformer\.layers2\.1\.ln_2\.bias"):
+    with pytest.raises(CheckpointError, match=r"1 missing key: clip\.visual\.transformer\.layers2\.1\.ln_2\.bias"):
         SegCLIP.from_state_dict(sd)
     sd = dict(reference["segclip_state_dict"])
     sd["clip.visual.transformer.semantic_layer2.k_ln.weight"] = torch.zeros(65)
@@ -90,7 +90,7 @@ def test_missing_and_misshaped_keys_are_named(reference, tmp_path):
         SegCLIP.from_state_dict(sd)
     sd = dict(reference["segclip_state_dict"])
     sd["clip.extra.weight"] = torch.zeros(1)
-    with pytest.raises(CheckpointError, match=r"unexpected keys: clip\.extra\.weight"):
+    with pytest.raises(CheckpointError, match=r"1 unexpected key: clip\.extra\.weight"):
         SegCLIP.from_state_dict(sd)
 
 

@@ -215,8 +215,8 @@ def test_download_error_in_training_is_one_line(tmp_path, repo_root, tiny_store,
         env.pop(k, None)
     if (download.LEGACY_CLIP_DIR / "ViT-B-16.pt").is_file():
         pytest.skip("a ViT-B-16.pt in modules/ would be used without a download")
-    p = subprocess.run([sys.executable, str(repo_root / "main_task_align.py"), "--do_pretrain", "--datatype", "cc", "--cc_store",
-                        str(tiny_store), "--output_dir", str(tmp_path / "out"), "--batch_size", "2",
+    p = subprocess.run([sys.executable, str(repo_root / "main_task_align.py"), "--do_pretrain", "--datatype", "cc",
+                        "--cc_store", str(tiny_store), "--output_dir", str(tmp_path / "out"), "--batch_size", "2",
                         "--num_thread_reader", "0", "--no_progress", "--pretrained_clip_name", "ViT-B/16"],
                        cwd=tmp_path, env=dict(env, PYTHONPATH=str(repo_root)), capture_output=True, text=True,
                        timeout=240)
