@@ -11,7 +11,9 @@ from pathlib import Path
 
 from common import cli
 from common.errors import UsageError
-from seg_segmentation.classes import DATASET_CLASSES
+from modules.precision import PRECISIONS
+from seg_segmentation.classes import (BG_THRESH, DATASET_CLASSES, foreground_names, has_background,
+                                      parse_class_list, read_class_file)
 from seg_segmentation.templates import TEMPLATES
 from seg_segmentation.drawing import VIS_MODES
 
@@ -39,7 +41,7 @@ def build_parser():
         first_stage_layer=None, first_stage_help="accepted for compatibility with the 2022 script; the value is "
                                                  "read from the checkpoint and this only checks that it matches")
     cli.add_window_args(p, max_long=False)
-    cli.add_inference_args(p)
+    cli.add_inference_args(p, precisions=PRECISIONS)
     cli.add_runtime_args(p, distributed=False)
     cli.add_legacy_flags(p, LEGACY_FLAGS, "the checkpoint and the flags above carry every setting")
     return p
@@ -60,8 +62,6 @@ def get_args(argv=None):
 
 def vocabulary(args):
     """-> (class names without background, with_bg, bg_thresh)."""
-    from seg_segmentation.classes import (BG_THRESH, DATASET_CLASSES, foreground_names, has_background,
-                                          parse_class_list, read_class_file)
     if args.classes is not None or args.classes_file is not None:
         names = parse_class_list(args.classes) if args.classes is not None else read_class_file(args.classes_file)
         if not args.no_bg and "background" in (n.lower() for n in names):

@@ -14,6 +14,7 @@ import torch
 from common import cli
 from common.errors import SegCLIPError, UsageError
 from engine.distributed import cleanup, init_distributed
+from modules.precision import PRECISIONS
 from seg_segmentation.classes import BG_THRESH, DATASET_CLASSES, parse_class_list, read_class_file
 from seg_segmentation.datasets import CUSTOM_DATASET, LAYOUTS, resolve_data_root
 from seg_segmentation.templates import TEMPLATES
@@ -44,7 +45,7 @@ def build_parser():
         clip_help='CLIP weights (name or file), used only with --init_model none',
         first_stage_help='visual blocks before the center block; only with --init_model none (checkpoints carry it)')
     cli.add_window_args(p)
-    cli.add_inference_args(p)
+    cli.add_inference_args(p, precisions=PRECISIONS)
     g = p.add_argument_group('evaluation run')
     g.add_argument('--batch_size', type=int, default=16, help='windows per visual forward pass (all images pooled)')
     g.add_argument('--num_workers', type=int, default=2, help='DataLoader processes per rank (decode + resize)')

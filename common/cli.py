@@ -14,6 +14,7 @@ decorates its ``main`` with :func:`run_main`. Then, in every script alike:
 """
 import argparse
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -25,6 +26,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence
 import yaml
 
 from common.errors import SegCLIPError, UsageError
+from common.images import DEFAULT_MAX_IMAGE_PIXELS
 from common.ranks import is_rank_zero
 
 # --cfg / --opts keys of the 2022 configs (GroupViT-style ``default.yml``) -> our flag names; None = accepted and
@@ -140,13 +142,11 @@ def amp_setting(value: str) -> str:
     return v
 
 
-def add_inference_args(p: argparse.ArgumentParser):
-    """``--precision`` (modules/precision.py) and ``--max_image_pixels`` (common/images.py): the demo's and the
-    evaluation's."""
-    from common.images import DEFAULT_MAX_IMAGE_PIXELS
-    from modules.precision import PRECISIONS
+def add_inference_args(p: argparse.ArgumentParser, *, precisions: Sequence[str]):
+    """``--precision`` (one of ``precisions``: modules/precision.py) and ``--max_image_pixels`` (common/images.py):
+    the demo's and the evaluation's."""
     g = p.add_argument_group("inference")
-    g.add_argument("--precision", default="fp32", choices=PRECISIONS,
+    g.add_argument("--precision", default="fp32", choices=list(precisions),
                    help="weights and matrix products in float32 (the published numbers) or bfloat16 (LayerNorm, "
                         "softmax and the zero-shot head in float32; faster where the CPU or GPU has bf16 units; "
                         "docs/evaluation.md gives its agreement with fp32)")
@@ -452,7 +452,6 @@ def check_writable_file(path: Optional[str], flag: str) -> None:
 
 
 def _os_reason(e: OSError) -> str:
-    import errno
     if e.errno == errno.ENOSPC:
         return "no space left on the device"
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):

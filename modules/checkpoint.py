@@ -16,10 +16,12 @@ import torch
 from common.download import resolve_clip_weights
 from common.errors import brief
 from common.fileio import TMP_MARK
+from .clip import CLIP
 from .clip_formats import (ClipWeights, is_safetensors, is_torchscript, read_hf_folder, read_safetensors,
                            read_torchscript_state_dict, to_openai_layout)
 from .config import SegCLIPConfig
 from .modeling import SegCLIP
+from .precision import set_precision
 from .state_dict import CLIP_EXTRA_KEYS, CheckpointError, as_state_dict, check_finite, require_keys
 
 logger = logging.getLogger(__name__)
@@ -139,7 +141,6 @@ def load_clip(path_or_state_dict, cache_dir: Optional[str] = None, device: Union
     """Any CLIP weights ``load_clip_weights`` reads -> ``modules.clip.CLIP`` in eval mode on ``device``.
     ``activation`` ('quick_gelu' | 'gelu') overrides what the file says (open_clip files do not say: QuickGELU,
     OpenAI's, is assumed)."""
-    from .clip import CLIP
     weights = load_clip_weights(path_or_state_dict, cache_dir)
     model = CLIP.from_state_dict(weights.state_dict, activation=activation or weights.activation or "quick_gelu")
     logger.info("loaded CLIP (%s layout, %s) with %.1fM parameters", weights.layout,
@@ -153,7 +154,6 @@ def load_segclip(path: PathLike, device: Union[str, torch.device] = "cpu",
     """A SegCLIP checkpoint file -> SegCLIP in eval mode on ``device`` at ``precision`` (modules/precision.py).
 
     Built without random initialisation, on the file's (memory-mapped) tensors."""
-    from .precision import set_precision
     sd = load_state_dict_file(path)
     try:
         model = SegCLIP.from_state_dict(sd, use_vision_mae_recon=use_vision_mae_recon, take_ownership=True)

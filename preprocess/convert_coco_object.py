@@ -16,6 +16,7 @@ from multiprocessing import Pool
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from common import cli
 from common.errors import MissingFileError
@@ -78,7 +79,6 @@ def _run(job, overwrite):
 def convert(coco_path: str, out_dir=None, splits=('val',), nproc: int = 1, overwrite: bool = False,
             progress: bool = True):
     """Convert every split; returns counts {'done', 'kept', 'failed'} and the failures [(file, reason)]."""
-    from tqdm import tqdm
     out_dir = out_dir or coco_path
     counts, failures = {'done': 0, 'kept': 0, 'failed': 0}, []
     for split in splits:
