@@ -17,6 +17,7 @@ import contextlib
 import errno
 import functools
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -192,9 +193,12 @@ def add_batch_job_args(p: argparse.ArgumentParser, what: str = "images"):
     return g
 
 
-def print_summary(summary: Mapping) -> None:
-    """A preprocessing run's counts as one machine-readable ``SUMMARY {json}`` line on stdout."""
-    print("SUMMARY " + json.dumps(summary), flush=True)
+def run_batch_job(build: Callable[..., Mapping], **kwargs) -> int:
+    """Run a preprocessing builder with logging on, and print its counts as one machine-readable
+    ``SUMMARY {json}`` line on stdout."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    print("SUMMARY " + json.dumps(build(**kwargs)), flush=True)
+    return 0
 
 
 def add_legacy_flags(p: argparse.ArgumentParser, flags: Mapping[str, dict], what: str) -> None:

@@ -6,7 +6,6 @@ Reads ``NNNNN.tar`` members ``key.jpg`` + ``key.json`` (``caption``) or ``key.tx
 number of shards. Corrupt images and samples without caption are skipped and counted. Rerunning resumes: finished
 shards are skipped whole, a half-written shard continues where it stopped.
 """
-import logging
 import sys
 
 from common import cli
@@ -26,10 +25,8 @@ def build_parser():
 def main(argv=None) -> int:
     a = cli.parse(build_parser(), argv)
     cli.check_writable_dir(a.output_dir, "--output_dir")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    cli.print_summary(build_cc3m_store(shards=a.shards, output_dir=a.output_dir, workers=a.workers,
-                                       max_samples=a.max_samples, progress=not a.no_progress))
-    return 0
+    return cli.run_batch_job(build_cc3m_store, shards=a.shards, output_dir=a.output_dir, workers=a.workers,
+                             max_samples=a.max_samples, progress=not a.no_progress)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@
 Rerunning resumes (images already in the store are skipped). Images are stored as RGB JPEG (quality 95) with the
 short side resized to 224; each image keeps all its captions (one training sample per caption).
 """
-import logging
 import sys
 
 from common import cli
@@ -31,11 +30,9 @@ def main(argv=None) -> int:
     cli.check_input_file(a.karpathy_json, "--karpathy_json")
     cli.check_input_dir(a.image_root, "--image_root")
     cli.check_writable_dir(a.output_dir, "--output_dir")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    cli.print_summary(build_coco_store(karpathy_json=a.karpathy_json, image_root=a.image_root,
-                                       output_dir=a.output_dir, splits=tuple(s for s in a.splits.split(",") if s),
-                                       workers=a.workers, max_samples=a.max_samples, progress=not a.no_progress))
-    return 0
+    return cli.run_batch_job(build_coco_store, karpathy_json=a.karpathy_json, image_root=a.image_root,
+                             output_dir=a.output_dir, splits=tuple(s for s in a.splits.split(",") if s),
+                             workers=a.workers, max_samples=a.max_samples, progress=not a.no_progress)
 
 
 if __name__ == "__main__":

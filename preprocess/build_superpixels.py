@@ -5,7 +5,6 @@
 Writes STORE/superpixels_scale224_sigma9.0_min_size224.lmdb (key -> zlib-compressed .npy label map), where the
 loaders look for it with --use_seglabel. Rerunning resumes.
 """
-import logging
 import sys
 
 from common import cli
@@ -25,10 +24,8 @@ def main(argv=None) -> int:
     a = cli.parse(build_parser(), argv)
     cli.check_input_dir(a.store, "--store")
     cli.check_writable_dir(a.output, "--output")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    cli.print_summary(build_superpixel_store(store_dir=a.store, output=a.output, workers=a.workers,
-                                             max_samples=a.max_samples, progress=not a.no_progress))
-    return 0
+    return cli.run_batch_job(build_superpixel_store, store_dir=a.store, output=a.output, workers=a.workers,
+                             max_samples=a.max_samples, progress=not a.no_progress)
 
 
 if __name__ == "__main__":

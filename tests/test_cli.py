@@ -202,14 +202,18 @@ def test_unusable_device_is_one_line(spec, message, monkeypatch):
         cli.resolve_device(spec)
 
 
-def test_eval_device_checked_before_the_model(monkeypatch, capsys, tmp_path):
-    import main_seg_zeroshot
-    from seg_segmentation.datasets import LAYOUTS  # noqa: F401
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    root = tmp_path / "VOC2012"
+def empty_voc_layout(root):
+    """A data root that passes the layout check (no images: nothing beyond the checks can run)."""
     for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (root / d).mkdir(parents=True)
     (root / "ImageSets/Segmentation/val.txt").write_text("")
+    return root
+
+
+def test_eval_device_checked_before_the_model(monkeypatch, capsys, tmp_path):
+    import main_seg_zeroshot
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    root = empty_voc_layout(tmp_path / "VOC2012")
     calls = []
     monkeypatch.setattr(main_seg_zeroshot, "load_model", lambda *a: calls.append(a))
     for device in ("cuda:0", "mps", "meta"):
@@ -224,10 +228,7 @@ def test_outputs_and_inputs_checked_before_heavy_work(tmp_path, capsys, monkeypa
     import main_task_align
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    root = tmp_path / "VOC2012"
-    for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
-        (root / d).mkdir(parents=True)
-    (root / "ImageSets/Segmentation/val.txt").write_text("")
+    root = empty_voc_layout(tmp_path / "VOC2012")
     calls = []
     monkeypatch.setattr(main_seg_zeroshot, "load_model", lambda *a: calls.append(a))
     base = ["--dataset", "voc", "--data_root", str(root), "--device", "cpu"]
