@@ -22,6 +22,7 @@ import torch.distributed as dist
 from common.errors import SegCLIPError, UsageError
 from common.images import DEFAULT_MAX_IMAGE_PIXELS
 from common.ranks import rank_and_world
+from modules.precision import model_precision
 from . import mmcv_compat  # noqa: F401
 from .classes import BG_THRESH, DATASET_CLASSES, validate_class_names
 from .datasets import CUSTOM_DATASET, LAYOUTS, DatasetError, ZeroShotSegDataset, collate_list
@@ -251,7 +252,6 @@ def run_zero_shot_eval(model, config: Optional[EvalConfig] = None, on_prediction
     Returns dict: mIoU, aAcc, mAcc (percent), per_class (name -> IoU % or None), per_class_acc, images, seconds,
     images_per_s, num_classes, world_size, areas, settings.
     """
-    from modules.precision import model_precision
     cfg = dataclasses.replace(config or EvalConfig(), **settings)
     names, with_bg, bg_thresh = cfg.vocabulary()
     rank, world = rank_and_world(use_env=False)

@@ -225,3 +225,19 @@ def test_demo_imports_neither_mmseg_nor_training(repo_root, tiny_checkpoint, tmp
                           env=dict(os.environ, SEGCLIP_OFFLINE="1"))
     assert proc.returncode == 0, proc.stderr
     assert "HEAVY []" in proc.stdout, proc.stdout
+
+
+def test_prediction_api_from_a_checkpoint_and_a_new_vocabulary(repo_root, tiny_checkpoint):
+    """The entry point the web demo uses: load once, predict, change the vocabulary without reloading."""
+    demo = vis.SegmentationDemo.from_checkpoint(tiny_checkpoint, ["cup", "table"], crop=112, stride=112,
+                                                resolution=112)
+    bgr = images.read_image_bgr(repo_root / "demo" / "examples" / "coffee.jpg")
+    pred = demo.predict(bgr, with_groups=True)
+    assert pred.labels.shape == pred.groups.shape == bgr.shape[:2] and pred.labels.dtype == np.uint8
+    assert {c["name"] for c in pred.classes} <= {"background", "cup", "table"}
+    assert abs(sum(c["share"] for c in pred.classes) - 1) < 1e-4 and int(pred.groups.max()) < 8
+    model = demo.model
+    demo.set_vocabulary(["saucer", "spoon", "cup"], with_bg=False)
+    assert demo.model is model and demo.label_names == ["saucer", "spoon", "cup"]
+    again = demo.predict(bgr)
+    assert again.groups is None and int(again.labels.max()) < 3
