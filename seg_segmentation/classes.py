@@ -140,16 +140,20 @@ def parse_class_list(text: str, source: str = '--classes') -> List[str]:
     return validate_class_names(items, source)
 
 
+def name_lines(text: str) -> List[str]:
+    """The lines of a class-name file that name classes: stripped, without blank lines and lines starting with
+    '#' (every class-name file is read this way; label i is the i-th such line)."""
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith('#')]
+
+
 def read_class_file(path, source: str = '--classes_file') -> List[str]:
-    """One class name per line, in label order; blank lines and lines starting with '#' are skipped (label i is
-    the i-th name)."""
+    """One class name per line, in label order (``name_lines``)."""
     try:
-        lines = Path(path).read_text(encoding='utf-8').splitlines()
+        text = Path(path).read_text(encoding='utf-8')
     except (OSError, UnicodeDecodeError) as e:
         why = 'file not found' if isinstance(e, FileNotFoundError) else str(e)
         raise UsageError(f'{source} {path}: cannot read ({why})') from None
-    names = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith('#')]
-    return validate_class_names(names, f'{source} {path}')
+    return validate_class_names(name_lines(text), f'{source} {path}')
 
 
 for _name, _classes in DATASET_CLASSES.items():

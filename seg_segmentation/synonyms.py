@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import List, Sequence, Tuple, Union
 
 from common.errors import SegCLIPError
+from modules.tokenization_clip import normalize_text
+
+from .classes import name_lines
 
 NAMES_DIR = Path(__file__).resolve().parent / 'names'
 
@@ -43,7 +46,7 @@ def parse_name_lines(lines: Sequence[str], source: str = 'class names') -> List[
             raise ClassNamesError(f'{source}: line {i + 1} (class {i}) has an empty name in {line.strip()!r}; '
                                   'separate names with ", " and no trailing comma')
         for n in names:
-            key = ' '.join(n.lower().split())
+            key = normalize_text(n)
             if key in seen:
                 raise ClassNamesError(f'{source}: the name {n!r} of class {i} (line {i + 1}) repeats {seen[key][1]!r} '
                                       f'of class {seen[key][0]}; each name may stand for one class only')
@@ -53,7 +56,8 @@ def parse_name_lines(lines: Sequence[str], source: str = 'class names') -> List[
 
 
 def read_name_file(path: Union[str, Path]) -> List[List[str]]:
-    """A class-name file (UTF-8) -> per class its names."""
+    """A class-name file (UTF-8) -> per class its names; blank lines and '#' lines are skipped, as in every
+    class-name file (``classes.name_lines``)."""
     path = Path(path)
     if not path.is_file():
         raise ClassNamesError(f'class-name file not found: {path}')
@@ -61,7 +65,7 @@ def read_name_file(path: Union[str, Path]) -> List[List[str]]:
         text = path.read_text(encoding='utf-8')
     except UnicodeDecodeError as e:
         raise ClassNamesError(f'{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8') from e
-    return parse_name_lines(text.splitlines(), source=str(path))
+    return parse_name_lines(name_lines(text), source=str(path))
 
 
 def dataset_name_file(dataset: str) -> Path:

@@ -141,6 +141,8 @@ def test_class_names_are_parsed_the_same_in_both_scripts(tmp_path):
     f = tmp_path / "names.txt"
     f.write_text("# my classes\n\ncat\n  dog  \n\n# the end\n")
     assert read_class_file(f) == ["cat", "dog"]
+    from seg_segmentation.synonyms import read_name_file
+    assert read_name_file(f) == [["cat"], ["dog"]]                 # synonym files: the same lines
     for flag in ("--class_names", "--classes_file"):
         z = main_seg_zeroshot.parse_args([flag, str(f)])
         v = main_seg_vis.get_args([flag, str(f)])
