@@ -103,12 +103,9 @@ def main(argv=None) -> int:
     vocab = ", ".join(demo.label_names[:12]) + (f" ... ({len(demo.label_names)} labels)"
                                                  if len(demo.label_names) > 12 else "")
     print(f"{len(inputs)} image(s); vocabulary: {vocab}; modes: {', '.join(args.vis)}; device: {device}", flush=True)
-    try:
-        report = run_visualization(demo, inputs, Path(args.output_dir), args.vis, progress=not args.no_progress,
-                                   max_image_pixels=args.max_image_pixels)
-    except OSError as e:  # output folder not writable, disk full
-        print(f"error: cannot write results: {e}", file=sys.stderr)
-        return 1
+    # a full disk or an unwritable output is an OutputError (one line, exit status 2 from run_main)
+    report = run_visualization(demo, inputs, Path(args.output_dir), args.vis, progress=not args.no_progress,
+                               max_image_pixels=args.max_image_pixels)
     for path, reason in report["skipped"]:
         print(f"skipped {reason}", file=sys.stderr)
     print(f"wrote {len(report['written'])} image(s), skipped {len(report['skipped'])}; "

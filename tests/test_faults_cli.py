@@ -75,6 +75,18 @@ def test_damaged_checkpoint_says_what_it_is(case, words, damaged, tmp_path, caps
     assert str(damaged[case]) in line and words[0] in line
 
 
+def test_demo_disk_full_is_one_line_exit_2(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    """Before: a catch-all of OSError in main_seg_vis.py printed 'cannot write results' and exited 1."""
+    import errno
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full)
+    assert _vis(tiny_checkpoint, tmp_path) == 2
+    line = _one_line_error(capsys)
+    assert "no space left" in line and str(tmp_path / "o") in line
+
+
 def test_pickle_of_python_objects_is_refused_without_unsafe_advice(tmp_path, capsys):
     path = tmp_path / "whole_model.bin"
     torch.save({"model": torch.nn.Linear(2, 2)}, path)     # a whole module, not its state dict
