@@ -279,3 +279,15 @@ def test_legacy_eval_flags_are_wired_or_named(tmp_path, capsys):
     assert (args.seed, args.tag, args.max_words) == (3, "run-a", 32)
     cli.note_ignored_flags(args)
     assert capsys.readouterr().err == "note: --max_words ignored (2022 flags without effect here)\n"
+
+
+def test_under_torchrun_only_rank_zero_prints_the_error(repo_root, tmp_path):
+    """Two processes launched by torchrun, both refusing the same flag: one `error:` line, not two."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(repo_root / "preprocess" / "build_cc3m.py"), "--shards", str(tmp_path),
+                        "--output_dir", str(tmp_path / "o"), "--opts", "workers", "many"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert p.returncode != 0
+    lines = [ln for ln in (p.stdout + p.stderr).splitlines() if ln.startswith("error: ")]
+    assert lines == ["error: --opts: workers 'many' is not an integer (the setting of --workers)"], p.stderr[-3000:]
