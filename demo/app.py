@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Sequence
 from common import cli
 from common.errors import SegCLIPError, UsageError
 from common.images import DEFAULT_MAX_IMAGE_PIXELS
+from modules.precision import PRECISIONS
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 METHODS = ("segclip",)
@@ -57,7 +58,7 @@ def build_parser():
         first_stage_layer=None, first_stage_help="accepted as main_seg_vis.py does; the value is read from the "
                                                  "checkpoint and this only checks that it matches")
     cli.add_window_args(p, max_long=False)
-    cli.add_inference_args(p)
+    cli.add_inference_args(p, precisions=PRECISIONS)
     cli.add_runtime_args(p, distributed=False)
     return p
 

@@ -12,7 +12,7 @@ from common import cli
 from common.errors import SegCLIPError, UsageError
 
 SCRIPTS = ["main_task_align", "main_seg_zeroshot", "main_seg_vis", "preprocess.build_cc3m", "preprocess.build_coco",
-           "preprocess.build_superpixels", "preprocess.convert_coco_object", "preprocess.synthetic"]
+           "preprocess.build_superpixels", "preprocess.convert_coco_object", "preprocess.synthetic", "demo.app"]
 
 
 def parser_of(name):
