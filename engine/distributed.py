@@ -4,7 +4,8 @@ torchrun and modern ``torch.distributed.launch`` export RANK / WORLD_SIZE / LOCA
 passes ``--local-rank=N`` (older versions ``--local_rank N``). ``srun python ...`` (one task per GPU, no torchrun)
 is recognised by SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID inside a job step; MASTER_ADDR then defaults to the
 first node of the step and MASTER_PORT to 20000 + (SLURM_JOB_ID mod 10000). A plain ``python`` run is one process
-without a process group. NCCL on CUDA, gloo on CPU. Each process uses GPU ``local_rank % visible GPUs``, so one
+without a process group; a launcher's single process (``torchrun --nproc_per_node 1``) gets one, so that it runs
+the code of the multi-process case. NCCL on CUDA, gloo on CPU. Each process uses GPU ``local_rank % visible GPUs``, so one
 visible GPU per task (per-task CUDA_VISIBLE_DEVICES) works as well as all GPUs of the node.
 """
 import datetime
@@ -105,7 +106,9 @@ def init_distributed(local_rank: Optional[int] = None, device: Optional[str] = N
     rank, world_size = rank_and_world()
     dev = select_device(device, local_rank)
     use_cuda = dev.type == "cuda"
-    if world_size <= 1:
+    # A launcher's single process (torchrun --nproc_per_node 1) gets a process group too: the multi-GPU code path.
+    launched = "RANK" in os.environ and "MASTER_ADDR" in os.environ
+    if world_size <= 1 and not launched:
         return DistEnv(rank=0, world_size=1, local_rank=local_rank, device=dev, backend=None)
     if "MASTER_ADDR" not in os.environ:
         raise DistributedSetupError("WORLD_SIZE > 1 but MASTER_ADDR is not set: launch with torchrun, "

@@ -117,8 +117,9 @@ def _remove_temporaries(output_dir: Optional[str]) -> None:
 def _log_plan(cfg: TrainConfig, env: DistEnv, data, total_steps: int, local_batch: int, optimizer,
               tf32: Optional[str]) -> None:
     logger.info("training: %d epochs x %d steps = %d optimizer steps; global batch %d = %d process(es) x %d "
-                "x %d accumulation; amp %s; device %s", cfg.epochs, data.steps_per_epoch, total_steps,
-                cfg.batch_size, env.world_size, local_batch, cfg.gradient_accumulation_steps, cfg.amp, env.device)
+                "x %d accumulation; amp %s; device %s (%s)", cfg.epochs, data.steps_per_epoch, total_steps,
+                cfg.batch_size, env.world_size, local_batch, cfg.gradient_accumulation_steps, cfg.amp, env.device,
+                f"{env.backend} process group" if env.is_distributed else "no process group")
     if tf32:
         logger.info(tf32)
     for g in optimizer.param_groups:
