@@ -86,33 +86,25 @@ def atomic_write_text(path: PathLike, text: str) -> Path:
 
 def atomic_create_text(path: PathLike, text: str) -> bool:
     """Create ``path`` holding ``text`` unless it already exists (then False): exclusive and complete-or-absent,
-    for lock files. The content is written under a temporary name and hard-linked into place."""
+    for lock files. The text is written to this process's temporary name, then hard-linked into place."""
     path = Path(path)
-    tmp = _tmp_name(path)
+    staged = atomic_write_text(_tmp_name(path), text)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)
+        os.link(staged, path)
+    except FileExistsError:
+        return False
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise OutputError(describe_os_error(e, path)) from e
+        try:                             # no hard links on this filesystem: exclusive create, then write
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             return False
-        except OSError as e:
-            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
-                raise
-            try:                         # no hard links on this filesystem: exclusive create, then write
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-    except OSError as e:
-        raise OutputError(describe_os_error(e, path)) from e
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
     finally:
         with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+            staged.unlink()
     _fsync_dir(path.parent)
     return True
 

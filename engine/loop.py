@@ -261,6 +261,7 @@ class Trainer:
 
     def end_of_epoch(self, epoch: int) -> None:
         """Weights file, training state, evaluation, the epoch's metrics record."""
+        tally, seconds = self._epoch, time.time() - self._epoch.t0      # training time, without the evaluation
         corrupt = self._sum_over_ranks(self._corrupt)
         if self.env.is_main and corrupt:
             logger.warning("epoch %d/%d: %d corrupt sample(s) replaced by others (all workers and processes)",
@@ -273,8 +274,6 @@ class Trainer:
         self.pos = Position(epoch + 1, 0, self.pos.global_step)
         if self.eval_fn is not None and not self.stop_requested:
             self.eval_results[epoch] = self.evaluate(epoch)
-        tally = self._epoch
-        seconds = time.time() - tally.t0
         steps = tally.steps + tally.skipped
         self.metrics.write(dict(type="epoch", epoch=epoch, step=self.pos.global_step, steps=steps,
                                 loss=tally.means(), skipped_steps=tally.skipped, skipped_samples=corrupt,
