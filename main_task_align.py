@@ -196,11 +196,8 @@ def main(argv=None) -> int:
     from engine.train_state import load_resume_state
     from engine.training import TrainConfig, check_batch_layout, train
 
-    try:
-        env = init_distributed(args.local_rank, device=args.device, backend=args.dist_backend)
-    except (RuntimeError, ValueError) as e:       # e.g. --device cuda without a GPU, a launcher without MASTER_ADDR
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    # a launcher without MASTER_ADDR etc.: DistributedSetupError, a SegCLIPError that run_main prints as one line
+    env = init_distributed(args.local_rank, device=args.device, backend=args.dist_backend)
     lock = None
     try:
         lock = lock_output_dir(env, args.output_dir)   # before log.txt is opened: a second run must not touch it

@@ -250,3 +250,16 @@ def test_eval_init_model_none_seed_is_wired(reference, tmp_path, monkeypatch):
     key = "clip.visual.transformer.semantic_layer2.semantic_center"
     a, b, c = (m.state_dict()[key] for m in models)
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_launcher_without_rendezvous_is_one_line(tmp_path, capsys, monkeypatch):
+    """WORLD_SIZE > 1 without MASTER_ADDR: a DistributedSetupError, printed by run_main (the training script no
+    longer catches every RuntimeError around the process-group setup)."""
+    import main_task_align
+    for k in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    rc = main_task_align.main(["--do_pretrain", "--output_dir", str(tmp_path / "o"), "--device", "cpu"])
+    assert rc == 2
+    assert "MASTER_ADDR" in _one_line_error(capsys)
