@@ -37,9 +37,7 @@ def build_parser():
                        "(default: the dataset's, 0.8 for voc and for your own classes; higher = more background)")
     cli.add_checkpoint_args(
         p, init_model_help="SegCLIP checkpoint (state dict). Default: <cache>/segclip.bin, downloaded from the "
-                           "release page when missing",
-        first_stage_layer=None, first_stage_help="accepted for compatibility with the 2022 script; the value is "
-                                                 "read from the checkpoint and this only checks that it matches")
+                           "release page when missing", first_stage_layer=None)
     cli.add_window_args(p, max_long=False)
     cli.add_inference_args(p, precisions=PRECISIONS)
     cli.add_runtime_args(p, distributed=False)

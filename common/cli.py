@@ -94,8 +94,11 @@ def add_checkpoint_args(p: argparse.ArgumentParser, *, init_model_help: str, cli
         g.add_argument("--pretrained_clip_name", default="ViT-B/16", metavar="NAME_OR_FILE", help=clip_help)
     g.add_argument("--cache_dir", default=None, metavar="DIR",
                    help="folder of downloaded weights (default: $SEGCLIP_CACHE, else checkpoints/)")
-    g.add_argument("--first_stage_layer", type=int, default=first_stage_layer,
-                   help=first_stage_help or "visual blocks before the learnable centers")
+    if first_stage_help is None:       # None: the checkpoint carries the value (the 2022 flag is only checked)
+        first_stage_help = ("visual blocks before the learnable centers" if first_stage_layer is not None else
+                            "accepted for 2022 command lines: the value is read from the checkpoint, and this "
+                            "only checks that it matches")
+    g.add_argument("--first_stage_layer", type=int, default=first_stage_layer, help=first_stage_help)
     return g
 
 

@@ -55,8 +55,7 @@ def build_parser():
     cli.add_checkpoint_args(
         p, init_model_help="SegCLIP checkpoint (state dict), e.g. the quickstart's train/pytorch_model.bin.1. "
                            "Default: <cache>/segclip.bin, the released checkpoint, downloaded when missing",
-        first_stage_layer=None, first_stage_help="accepted as main_seg_vis.py does; the value is read from the "
-                                                 "checkpoint and this only checks that it matches")
+        first_stage_layer=None)
     cli.add_window_args(p, max_long=False)
     cli.add_inference_args(p, precisions=PRECISIONS)
     cli.add_runtime_args(p, distributed=False)
