@@ -6,6 +6,7 @@
   ``__buffers__`` lists of the archive's class declarations (read as text, never executed).
 - ``.safetensors`` files (any layout below).
 - open_clip checkpoints (OpenAI's key names, maybe under ``state_dict`` with a ``module.`` prefix).
+- SegCLIP checkpoints: the CLIP inside (its text tower and all visual blocks, without the centers).
 - Hugging Face ``transformers`` CLIP folders (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``), or
   their state dicts: q/k/v projections joined into ``in_proj``, projections transposed.
 
@@ -329,8 +330,33 @@ def read_hf_folder(folder: Path, load_file) -> ClipWeights:
     return ClipWeights(hf_to_openai(load_file(weights), str(weights)), activation, 'transformers')
 
 
+def is_segclip_layout(sd: Mapping[str, torch.Tensor]) -> bool:
+    return any(k.startswith('clip.visual.transformer.layers0.') for k in sd)
+
+
+def segclip_to_openai(sd: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The CLIP inside a SegCLIP checkpoint (design.md §3 in reverse): ``clip.`` dropped, visual ``layers0.i`` /
+    ``layers2.j`` renumbered into ``resblocks``; the centers, MAE blocks and decoder are left out."""
+    first = 1 + max(int(m.group(1)) for k in sd
+                    if (m := re.match(r'clip\.visual\.transformer\.layers0\.(\d+)\.', k)))
+    out = {}
+    for k, v in sd.items():
+        if not k.startswith('clip.'):
+            continue                        # vis_mae_decoder.*
+        k = k[len('clip.'):]
+        if (m := re.match(r'visual\.transformer\.layers([02])\.(\d+)\.(.*)', k)) is not None:
+            i = int(m.group(2)) + (first if m.group(1) == '2' else 0)
+            out[f'visual.transformer.resblocks.{i}.{m.group(3)}'] = v
+        elif not k.startswith('visual.transformer.'):   # semantic_layer2, layers_mae2, reconstruct_layer2 dropped
+            out[k] = v
+    return out
+
+
 def to_openai_layout(sd: Mapping[str, torch.Tensor], source: str = 'state dict') -> ClipWeights:
-    """OpenAI / open_clip / transformers CLIP tensors -> ClipWeights in OpenAI's layout."""
+    """OpenAI / open_clip / transformers CLIP tensors, or a SegCLIP checkpoint's CLIP -> ClipWeights in OpenAI's
+    layout."""
     if is_hf_layout(sd):
         return ClipWeights(hf_to_openai(sd, source), None, 'transformers')
+    if is_segclip_layout(sd):
+        return ClipWeights(segclip_to_openai(sd), 'quick_gelu', 'segclip')
     return ClipWeights(dict(sd), None, 'openai')

@@ -23,6 +23,21 @@ from .pamr import pamr
 from .synonyms import flatten, parse_name_lines, read_name_file
 
 
+# SCLIP's published evaluation settings per benchmark: the short side of the keep-ratio resize (long side <= 2048)
+# and the head's logit_scale / prob_thd / area_thd; windows are 224 px with stride 112 and PAMR is off throughout.
+SCLIP_PRESETS = {
+    'voc': dict(resolution=336, logit_scale=65.0, prob_thd=0.1, area_thd=0.1),
+    'context': dict(resolution=336, logit_scale=50.0, prob_thd=0.1, area_thd=None),
+    'coco': dict(resolution=336, logit_scale=50.0, prob_thd=0.1, area_thd=None),
+    'voc20': dict(resolution=336, logit_scale=40.0, prob_thd=0.0, area_thd=None),
+    'context59': dict(resolution=336, logit_scale=40.0, prob_thd=0.0, area_thd=None),
+    'coco_stuff': dict(resolution=448, logit_scale=40.0, prob_thd=0.0, area_thd=None),
+    'cityscapes': dict(resolution=560, logit_scale=40.0, prob_thd=0.0, area_thd=None),
+    'ade20k': dict(resolution=336, logit_scale=40.0, prob_thd=0.0, area_thd=None),
+}
+SCLIP_WINDOW = dict(crop=224, stride=112, pamr_steps=0, pamr_dilations=(8, 16), templates='full')
+
+
 class DenseCLIPSegmentor:
     """Names every pixel with a plain CLIP (``modules.clip.CLIP``), SCLIP's way.
 

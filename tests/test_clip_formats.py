@@ -240,3 +240,16 @@ def test_bad_clip_inputs(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes((20).to_bytes(8, "little") + b"{not json")
     with pytest.raises(CheckpointError, match="not a readable .safetensors file"):
         load_clip(str(tmp_path / "bad.safetensors"))
+
+
+def test_segclip_checkpoint_as_clip(reference, tmp_path):
+    """The CLIP inside a SegCLIP checkpoint (--method clip|sclip on SegCLIP's backbone): the key map in reverse."""
+    from modules.state_dict import clip_to_segclip_state_dict
+    clip_sd = {k: v for k, v in reference["clip_state_dict"].items()}
+    segclip = SegCLIP.from_clip(clip_sd, first_stage_layer=10)
+    torch.save(segclip.state_dict(), tmp_path / "segclip.bin")
+    weights = load_clip_weights(str(tmp_path / "segclip.bin"))
+    assert weights.layout == "segclip" and set(weights.state_dict) == set(clip_sd)
+    for k, v in weights.state_dict.items():
+        assert torch.equal(v, clip_sd[k]), k
+    assert set(clip_to_segclip_state_dict(weights.state_dict, 10)) <= set(segclip.state_dict())
