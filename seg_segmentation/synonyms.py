@@ -1,6 +1,6 @@
 """Class-name files with synonyms: one line per class (in label order), its names separated by commas.
 
-    person, person in shirt, person in dress
+    person, man, woman
     tv monitor, screen
 
 Every name is a text query; a class scores the best of its names. The first line of a dataset with background may
@@ -10,7 +10,7 @@ in ``seg_segmentation/names/`` (``dataset_name_file``); a file of one name per l
 from pathlib import Path
 from typing import List, Sequence, Tuple, Union
 
-from common.errors import SegCLIPError
+from common.errors import UsageError
 from modules.tokenization_clip import normalize_text
 
 from .classes import name_lines
@@ -25,13 +25,14 @@ DATASET_NAME_FILES = {
 }
 
 
-class ClassNamesError(SegCLIPError, ValueError):
+class ClassNamesError(UsageError):
     """A class-name list or file is empty, has an empty name or names one thing twice."""
 
 
 def parse_name_lines(lines: Sequence[str], source: str = 'class names') -> List[List[str]]:
     """Class lines -> per class its names (stripped). Trailing blank lines are dropped; an empty line or name, or
-    a name given twice (compared as the tokenizer sees it: lower-cased) raises ClassNamesError naming both places."""
+    a name given twice (compared as the tokenizer sees it: ``normalize_text``, lower-cased) raises ClassNamesError
+    naming both places."""
     lines = [str(line) for line in lines]
     while lines and not lines[-1].strip():
         lines.pop()
@@ -55,17 +56,16 @@ def parse_name_lines(lines: Sequence[str], source: str = 'class names') -> List[
     return classes
 
 
-def read_name_file(path: Union[str, Path]) -> List[List[str]]:
+def read_name_file(path: Union[str, Path], source: str = 'class-name file') -> List[List[str]]:
     """A class-name file (UTF-8) -> per class its names; blank lines and '#' lines are skipped, as in every
-    class-name file (``classes.name_lines``)."""
+    class-name file (``classes.name_lines``), so class i is the i-th remaining line."""
     path = Path(path)
-    if not path.is_file():
-        raise ClassNamesError(f'class-name file not found: {path}')
     try:
         text = path.read_text(encoding='utf-8')
-    except UnicodeDecodeError as e:
-        raise ClassNamesError(f'{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8') from e
-    return parse_name_lines(name_lines(text), source=str(path))
+    except (OSError, UnicodeDecodeError) as e:
+        why = 'file not found' if isinstance(e, FileNotFoundError) else str(e)
+        raise ClassNamesError(f'{source} {path}: cannot read ({why})') from None
+    return parse_name_lines(name_lines(text), source=f'{source} {path}')
 
 
 def dataset_name_file(dataset: str) -> Path:
