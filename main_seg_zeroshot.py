@@ -1,6 +1,8 @@
-"""Zero-shot semantic segmentation evaluation of a SegCLIP checkpoint (design.md §7).
+"""Zero-shot semantic segmentation evaluation of a SegCLIP checkpoint (design.md §7), or of a plain CLIP with the
+training-free SCLIP / CLIP protocol (design.md §12).
 
     python main_seg_zeroshot.py --dataset voc --data_root data/VOCdevkit/VOC2012 --init_model checkpoints/segclip.bin
+    python main_seg_zeroshot.py --method sclip --dataset voc --data_root data/VOCdevkit/VOC2012   # CLIP ViT-B/16
     torchrun --nproc_per_node 8 main_seg_zeroshot.py --dataset context --data_root data/VOCdevkit/VOC2010 ...
 
 Prints a per-class IoU table and writes a JSON with --output. Results do not depend on the number of processes.
@@ -15,7 +17,7 @@ from common import cli
 from common.errors import SegCLIPError, UsageError
 from engine.distributed import cleanup, init_distributed
 from modules.precision import PRECISIONS
-from seg_segmentation.classes import BG_THRESH, DATASET_CLASSES, parse_class_list, read_class_file
+from seg_segmentation.classes import BG_THRESH, DATASET_CLASSES, parse_class_list
 from seg_segmentation.datasets import CUSTOM_DATASET, LAYOUTS, resolve_data_root
 from seg_segmentation.templates import TEMPLATES
 
@@ -42,9 +44,12 @@ def build_parser():
         p, init_model_help="SegCLIP checkpoint (e.g. the released segclip.bin). Default: the released checkpoint "
                            "in --cache_dir, downloaded when missing. 'none' evaluates --pretrained_clip_name with "
                            "freshly initialised centers (a sanity baseline only)",
-        clip_help='CLIP weights (name or file), used only with --init_model none',
+        clip_help='CLIP weights: a name (ViT-B/16, downloaded when missing), an OpenAI / open_clip / '
+                  '.safetensors file or a Hugging Face CLIP folder; the model of --method sclip / clip, and with '
+                  '--init_model none the CLIP the centers are added to',
         first_stage_help='visual blocks before the center block; only with --init_model none (checkpoints carry it)')
     cli.add_window_args(p)
+    cli.add_method_args(p)
     cli.add_inference_args(p, precisions=PRECISIONS)
     g = p.add_argument_group('evaluation run')
     g.add_argument('--batch_size', type=int, default=16, help='windows per visual forward pass (all images pooled)')
@@ -67,6 +72,8 @@ def parse_args(argv=None):
     if args.classes is not None and args.classes_file is not None:
         raise UsageError('give --classes or --classes_file, not both')
     cli.check_bg_thresh(args)
+    cli.check_method(args)
+    apply_method_defaults(args)
     cli.check_window(args)
     cli.check_positive(args, 'batch_size', 'max_images')
     cli.check_max_image_pixels(args)
@@ -75,25 +82,58 @@ def parse_args(argv=None):
     return args
 
 
+def apply_method_defaults(args) -> None:
+    """--resolution / --crop_size / --stride / --templates not given -> the method's published values."""
+    from seg_segmentation.dense import method_defaults
+    defaults = method_defaults(args.method, args.dataset)
+    for flag, key in (('resolution', 'resolution'), ('crop_size', 'crop'), ('stride', 'stride'),
+                      ('templates', 'templates')):
+        if getattr(args, flag) is None:
+            setattr(args, flag, defaults[key])
+
+
 def read_class_names(args):
-    """--classes / --classes_file -> names, or None for the dataset's own."""
+    """--classes / --classes_file -> names (per label a list of names where the file has synonyms: "dog, puppy"),
+    or None for the method's default (the dataset's names; with sclip / clip the project's synonym file)."""
     if args.classes is not None:
         return parse_class_list(args.classes)
-    return read_class_file(args.classes_file) if args.classes_file else None
+    if not args.classes_file:
+        return None
+    from seg_segmentation.synonyms import read_name_file
+    classes = read_name_file(args.classes_file, source='--classes_file')
+    return [c[0] for c in classes] if all(len(c) == 1 for c in classes) else classes
 
 
 def check_inputs(args) -> None:
     """Data, checkpoint, outputs and device, before the model is loaded (a typo must not cost a model load)."""
     resolve_data_root(args.dataset, args.data_root)
-    if args.init_model is not None and args.init_model.lower() != 'none':
+    if args.method != 'segclip':
+        if args.init_model is not None:
+            raise UsageError(f'--init_model is a SegCLIP checkpoint; --method {args.method} runs the CLIP of '
+                             '--pretrained_clip_name')
+        check_clip_weights(args.pretrained_clip_name)
+    elif args.init_model is not None and args.init_model.lower() != 'none':
         cli.check_input_file(args.init_model, '--init_model')
     cli.check_writable_file(args.output, '--output')
     cli.check_writable_dir(args.save_pred, '--save_pred')
     cli.resolve_device(args.device)
 
 
+def check_clip_weights(name: str) -> None:
+    """--pretrained_clip_name: a known model name, or a file / folder that exists."""
+    from common.download import CLIP_URLS
+    if name not in CLIP_URLS and not osp.exists(name):
+        raise UsageError(f'--pretrained_clip_name {name}: neither a file or folder nor one of the known models '
+                         f'{sorted(CLIP_URLS)}')
+
+
 def load_model(args, device):
-    from modules.checkpoint import load_clip_state_dict, load_segclip, segclip_checkpoint_keys
+    from modules.checkpoint import load_clip, load_clip_state_dict, load_segclip, segclip_checkpoint_keys
+    if args.method != 'segclip':   # a plain CLIP for the training-free methods
+        from modules.precision import set_precision
+        model = load_clip(args.pretrained_clip_name, cache_dir=args.cache_dir, device=device,
+                          activation=args.clip_activation)
+        return set_precision(model, args.precision).eval()
     if args.init_model is not None and args.init_model.lower() == 'none':
         from modules.modeling import SegCLIP
         torch.manual_seed(args.seed)          # the fresh centers
@@ -126,11 +166,15 @@ def make_prediction_writer(folder: str, dataset: str):
 
 def eval_config(args, class_names, device):
     from seg_segmentation.evaluate import EvalConfig
-    return EvalConfig(dataset=args.dataset, data_root=args.data_root, class_names=class_names,
-                      templates=args.templates, bg_thresh=args.bg_thresh, resolution=args.resolution,
-                      max_long=args.max_long, crop=args.crop_size, stride=args.stride, batch_size=args.batch_size,
-                      num_workers=args.num_workers, amp=args.amp, device=device, max_images=args.max_images,
-                      max_image_pixels=args.max_image_pixels, progress=not args.no_progress)
+    given = dict(class_names=class_names, logit_scale=args.logit_scale, prob_thd=args.prob_thd,
+                 area_thd=args.area_thd)
+    return EvalConfig.preset(
+        args.method, args.dataset, data_root=args.data_root, templates=args.templates, bg_thresh=args.bg_thresh,
+        resolution=args.resolution, max_long=args.max_long, crop=args.crop_size, stride=args.stride,
+        batch_size=args.batch_size, num_workers=args.num_workers, amp=args.amp, device=device,
+        max_images=args.max_images, max_image_pixels=args.max_image_pixels, progress=not args.no_progress,
+        pamr_steps=args.pamr_steps, pamr_dilations=tuple(args.pamr_dilations),
+        **{k: v for k, v in given.items() if v is not None})     # unset: the method's preset
 
 
 @cli.run_main
@@ -153,7 +197,8 @@ def main(argv=None) -> int:
                 from common.fileio import remove_stale_temporaries
                 from seg_segmentation.outputs import write_json
                 remove_stale_temporaries(osp.dirname(osp.abspath(args.output)))
-                result['settings'].update(init_model=args.init_model, world_size=env.world_size, tag=args.tag)
+                result['settings'].update(init_model=args.init_model, world_size=env.world_size, tag=args.tag,
+                                          clip_weights=args.pretrained_clip_name if args.method != 'segclip' else None)
                 write_json(args.output, result)
                 print(f'results written to {args.output}', flush=True)
     except SegCLIPError as e:   # every rank says what stopped it (run_main would print rank 0's only)

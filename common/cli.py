@@ -137,6 +137,71 @@ def add_window_args(p: argparse.ArgumentParser, *, max_long: bool = True):
     return g
 
 
+METHODS = ("segclip", "sclip", "clip")   # names only: --help does not import the model code
+
+
+def area_thd_setting(value: str) -> float:
+    """--area_thd: a fraction in [0, 1), or 'none' -> 0.0 (off: zeroing classes of no area changes no label)."""
+    if str(value).strip().lower() in ("none", "off"):
+        return 0.0
+    try:
+        v = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1) or 'none', got {value!r}") from None
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1) or 'none', got {value!r}")
+    return v
+
+
+def add_method_args(p: argparse.ArgumentParser):
+    """``--method`` and the training-free head's settings (design.md §12). ``--resolution``, ``--crop_size``,
+    ``--stride`` and ``--templates`` default to None here: the script fills in the method's published values
+    (``seg_segmentation.dense.method_defaults``), so a flag given on the command line always wins."""
+    g = p.add_argument_group("method (design.md §12)")
+    g.add_argument("--method", default="segclip", choices=METHODS,
+                   help="segclip: the SegCLIP checkpoint (--init_model); sclip: SCLIP's training-free dense CLIP "
+                        "(correlative self-attention in the last block); clip: the plain CLIP's patch tokens. "
+                        "sclip/clip take CLIP weights from --pretrained_clip_name and default to SCLIP's "
+                        "published settings for --dataset and to the project's synonym class names")
+    g.add_argument("--logit_scale", type=float, default=None,
+                   help="sclip/clip: scale of the cosine similarities before the softmax over names (default: 65 "
+                        "voc, 50 context and coco, 40 otherwise)")
+    g.add_argument("--prob_thd", type=float, default=None,
+                   help="sclip/clip: pixels whose best probability is below it become class 0 (default: 0.1 voc, "
+                        "context, coco; 0 otherwise)")
+    g.add_argument("--area_thd", type=area_thd_setting, default=None, metavar="{NUMBER,none}",
+                   help="sclip/clip: foreground classes covering at most this fraction of the foreground are "
+                        "dropped; none = off (default: 0.1 voc, none otherwise)")
+    g.add_argument("--pamr_steps", type=int, default=0,
+                   help="PAMR refinement steps at the original size, any method (0 = off, as published)")
+    g.add_argument("--pamr_dilations", type=int, nargs="+", default=[8, 16], metavar="D",
+                   help="PAMR neighbourhood distances in pixels")
+    g.add_argument("--clip_activation", default=None, choices=["quick_gelu", "gelu"],
+                   help="sclip/clip: the MLP activation of --pretrained_clip_name when the file does not say "
+                        "(open_clip checkpoints; default quick_gelu, OpenAI's; a transformers config.json says it)")
+    p.set_defaults(resolution=None, crop_size=None, stride=None, templates=None)
+    for action in p._actions:
+        if action.dest in ("resolution", "crop_size", "stride", "templates"):
+            action.help += " (default: 224 / 224 / 224 / simple with --method segclip; sclip/clip: SCLIP's " \
+                           "336 (448 coco_stuff, 560 cityscapes) / 224 / 112 / full)"
+    return g
+
+
+def check_method(args) -> None:
+    """--method's flags: PAMR settings sane, training-free flags not given to SegCLIP."""
+    if args.pamr_steps < 0:
+        raise UsageError(f"--pamr_steps must be >= 0, got {args.pamr_steps}")
+    if any(d < 1 for d in args.pamr_dilations):
+        raise UsageError(f"--pamr_dilations must be positive, got {args.pamr_dilations}")
+    if args.method == "segclip":
+        given = [f"--{n}" for n in ("logit_scale", "prob_thd", "area_thd", "clip_activation")
+                 if getattr(args, n) is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} apply to --method sclip / clip only")
+    elif args.logit_scale is not None and args.logit_scale <= 0:
+        raise UsageError(f"--logit_scale must be positive, got {args.logit_scale}")
+
+
 def amp_setting(value: str) -> str:
     """``--amp`` value: off / none (the same: float32) / bf16 / fp16 -> 'off', 'bf16' or 'fp16'."""
     v = str(value).strip().lower()

@@ -18,8 +18,7 @@ import torch.nn.functional as F
 
 from modules.clip import DENSE_METHODS
 
-from .inference import IntPair, build_text_embedding, model_device, slide_windows, unwrap_model
-from .pamr import pamr
+from .inference import IntPair, build_text_embedding, model_device, refine_with_pamr, slide_windows, unwrap_model
 from .synonyms import flatten, parse_name_lines, read_name_file
 
 
@@ -36,6 +35,18 @@ SCLIP_PRESETS = {
     'ade20k': dict(resolution=336, logit_scale=40.0, prob_thd=0.0, area_thd=None),
 }
 SCLIP_WINDOW = dict(crop=224, stride=112, pamr_steps=0, pamr_dilations=(8, 16), templates='full')
+SEGCLIP_WINDOW = dict(resolution=224, crop=224, stride=224, templates='simple')   # design.md §7.3
+
+
+def method_defaults(method: str, dataset: str) -> dict:
+    """resolution / crop / stride / templates of ``method``'s published protocol on ``dataset`` (a split of your
+    own gets SCLIP's no-background preset)."""
+    if method == 'segclip':
+        return dict(SEGCLIP_WINDOW)
+    if method not in DENSE_METHODS:
+        raise ValueError(f'unknown method {method!r}; choose segclip or one of {DENSE_METHODS}')
+    return dict(resolution=SCLIP_PRESETS.get(dataset, SCLIP_PRESETS['voc20'])['resolution'],
+                crop=SCLIP_WINDOW['crop'], stride=SCLIP_WINDOW['stride'], templates=SCLIP_WINDOW['templates'])
 
 
 class DenseCLIPSegmentor:
@@ -117,10 +128,15 @@ class DenseCLIPSegmentor:
         return F.interpolate(logits, size=(h, w), mode='bilinear', align_corners=False)
 
     @torch.no_grad()
-    def slide_logits(self, images: Union[torch.Tensor, Sequence[torch.Tensor]]) -> List[torch.Tensor]:
-        """images [B,3,H,W] or a list of [3,H_i,W_i] -> list of window-averaged logits [Q, H_i, W_i]."""
+    def slide_logits(self, images: Union[torch.Tensor, Sequence[torch.Tensor]], crop: Optional[IntPair] = None,
+                     stride: Optional[IntPair] = None, batch_size: Optional[int] = None) -> List[torch.Tensor]:
+        """images [B,3,H,W] or a list of [3,H_i,W_i] -> list of window-averaged logits [Q, H_i, W_i]; crop /
+        stride / batch_size default to the segmentor's."""
         if isinstance(images, torch.Tensor) and images.dim() == 4:
             images = list(images)
+        crop = self.crop if crop is None else crop
+        stride = self.stride if stride is None else stride
+        batch_size = self.batch_size if batch_size is None else int(batch_size)
         Q = self.query_features.shape[0]
         sums, counts, jobs = [], [], {}
         for i, img in enumerate(images):
@@ -129,11 +145,11 @@ class DenseCLIPSegmentor:
             H, W = img.shape[-2:]
             sums.append(torch.zeros(Q, H, W, device=self.device))
             counts.append(torch.zeros(1, H, W, device=self.device))
-            for y1, y2, x1, x2 in slide_windows(H, W, self.crop, self.stride):
+            for y1, y2, x1, x2 in slide_windows(H, W, crop, stride):
                 jobs.setdefault((y2 - y1, x2 - x1), []).append((i, y1, y2, x1, x2))
         for windows in jobs.values():              # windows of equal size batch together, in row-major order
-            for start in range(0, len(windows), self.batch_size):
-                part = windows[start:start + self.batch_size]
+            for start in range(0, len(windows), batch_size):
+                part = windows[start:start + batch_size]
                 crops = torch.stack([images[i][:, y1:y2, x1:x2] for i, y1, y2, x1, x2 in part])
                 for (i, y1, y2, x1, x2), lg in zip(part, self.window_logits(crops)):
                     sums[i][:, y1:y2, x1:x2] += lg
@@ -146,12 +162,9 @@ class DenseCLIPSegmentor:
         """Window-averaged logits [Q, h, w] of ``image`` [3, h, w] -> [Q, H, W] at ``ori_shape``: bilinear resize,
         then PAMR (when on) guided by the image resized bilinearly to that size."""
         size = tuple(int(v) for v in ori_shape[:2])
-        out = F.interpolate(logits[None], size=size, mode='bilinear', align_corners=False)
         if self.pamr_steps > 0:
-            guide = F.interpolate(image[None].to(out.device, out.dtype), size=size, mode='bilinear',
-                                  align_corners=False)
-            out = pamr(guide, out, self.pamr_steps, self.pamr_dilations)
-        return out[0]
+            return refine_with_pamr(logits, image, size, self.pamr_steps, self.pamr_dilations)
+        return F.interpolate(logits[None], size=size, mode='bilinear', align_corners=False)[0]
 
     @torch.no_grad()
     def postprocess(self, logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -184,12 +197,19 @@ class DenseCLIPSegmentor:
         return self.postprocess(self.query_logits(image, ori_shape)[0])
 
     @torch.no_grad()
-    def predict_labels(self, images: Sequence[torch.Tensor], out_sizes: Optional[Sequence] = None
-                       ) -> List[torch.Tensor]:
-        """Several images [3, h_i, w_i] (their windows pooled into batches) -> label maps [H_i, W_i] int64."""
+    def predict_labels(self, images: Union[torch.Tensor, Sequence[torch.Tensor]],
+                       out_sizes: Optional[Sequence] = None, crop: Optional[IntPair] = None,
+                       stride: Optional[IntPair] = None, batch_size: Optional[int] = None,
+                       max_elements: Optional[int] = None) -> List[torch.Tensor]:
+        """Several images [3, h_i, w_i] (their windows pooled into batches) -> label maps [H_i, W_i] int64.
+
+        The signature of ``ZeroShotSegmentor.predict_labels``, so the evaluation and the demo run either; crop /
+        stride / batch_size replace the segmentor's own for this call. ``max_elements`` is accepted and unused:
+        the thresholds need every class's probabilities at the output size."""
         images = list(images)
+        logits = self.slide_logits(images, crop, stride, batch_size)
         preds = []
-        for i, lg in enumerate(self.slide_logits(images)):
+        for i, lg in enumerate(logits):
             size = tuple(lg.shape[-2:]) if out_sizes is None else out_sizes[i]
             preds.append(self.postprocess(self.resize_and_refine(lg, images[i], size))[1][0])
         return preds

@@ -24,11 +24,13 @@ from common.images import DEFAULT_MAX_IMAGE_PIXELS
 from common.ranks import rank_and_world
 from modules.precision import model_precision
 from . import mmcv_compat  # noqa: F401
-from .classes import BG_THRESH, DATASET_CLASSES, validate_class_names
+from .classes import BG_THRESH, DATASET_CLASSES, has_background, validate_class_names
 from .datasets import CUSTOM_DATASET, LAYOUTS, DatasetError, ZeroShotSegDataset, collate_list
 from .inference import ZeroShotSegmentor, slide_windows, unwrap_model
 
 IGNORE_INDEX = 255
+DENSE_METHODS = ('sclip', 'clip')            # training-free, on a plain CLIP (modules/clip.py)
+METHODS = ('segclip',) + DENSE_METHODS
 
 
 def intersect_and_union(pred: torch.Tensor, gt: torch.Tensor, num_classes: int,
@@ -102,10 +104,17 @@ class EvalConfig:
     device: where the model runs (default: the model's device; the model is moved there).
     max_images: evaluate only the first N images of the split (quick checks).
     max_image_pixels: images / label maps with more pixels are refused before decoding (0 or None: no limit).
+    method: 'segclip' (the model is a SegCLIP) or the training-free 'sclip' / 'clip' (the model is a plain
+        ``modules.clip.CLIP``; seg_segmentation/dense.py, design.md §12). ``EvalConfig.preset`` fills in a
+        method's published settings for a dataset.
+    class_names may also hold per label a list of names (synonyms, seg_segmentation/synonyms.py); for a
+        dataset with background, label 0's names then stand for the background whatever they are.
+    logit_scale / prob_thd / area_thd (training-free methods): None = the dataset's SCLIP preset; area_thd 0 = off.
+    pamr_steps / pamr_dilations: PAMR refinement at the original size (any method; 0 steps = off).
     """
     dataset: str = 'voc'
     data_root: Optional[str] = None
-    class_names: Optional[Sequence[str]] = None
+    class_names: Optional[Sequence[Union[str, Sequence[str]]]] = None
     templates: Union[str, Sequence[str]] = 'simple'
     with_bg: Optional[bool] = None
     bg_thresh: Optional[float] = None
@@ -120,19 +129,56 @@ class EvalConfig:
     max_images: Optional[int] = None
     max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS
     progress: bool = True
+    method: str = 'segclip'
+    logit_scale: Optional[float] = None
+    prob_thd: Optional[float] = None
+    area_thd: Optional[float] = None
+    pamr_steps: int = 0
+    pamr_dilations: Sequence[int] = (8, 16)
+
+    @classmethod
+    def preset(cls, method: str = 'segclip', dataset: str = 'voc', **settings) -> 'EvalConfig':
+        """The published protocol of ``method`` on ``dataset``, with ``settings`` on top. SegCLIP: the defaults
+        above. SCLIP / CLIP: SCLIP's settings (``dense.SCLIP_PRESETS``: short side 336 / 448 / 560, windows 224
+        with stride 112, the 80 prompts, logit_scale / prob_thd / area_thd) and the project's synonym file."""
+        if method not in METHODS:
+            raise UsageError(f'unknown method {method!r}; choose one of {METHODS}')
+        from .dense import method_defaults
+        base = dict(method=method, dataset=dataset, **method_defaults(method, dataset))
+        if method in DENSE_METHODS:
+            from .synonyms import dataset_name_file, read_name_file
+            base.update(_dense_head(cls(dataset=dataset, method=method)))
+            base['area_thd'] = base['area_thd'] or 0.0
+            if dataset in DATASET_CLASSES:
+                base['class_names'] = read_name_file(dataset_name_file(dataset))
+        base.update(settings)
+        return cls(**base)
+
+    def synonyms(self) -> Optional[list]:
+        """Per label its names when ``class_names`` has synonyms, else None."""
+        if self.class_names is None or all(isinstance(c, str) for c in self.class_names):
+            return None
+        return [[c] if isinstance(c, str) else [str(n) for n in c] for c in self.class_names]
 
     def vocabulary(self) -> Tuple[list, bool, float]:
         """-> (class names in label order, with_bg, bg_thresh); UsageError naming what does not fit."""
         if self.dataset != CUSTOM_DATASET and self.dataset not in DATASET_CLASSES:
             raise UsageError(f'unknown dataset {self.dataset!r}; choose one of '
                              f'{sorted(DATASET_CLASSES) + [CUSTOM_DATASET]}')
+        given = self.class_names
+        classes = self.synonyms()
+        if classes is not None:   # the first name of each label; a background line is called 'background'
+            given = [c[0] for c in classes]
+            bg_line = (has_background(self.dataset) if self.dataset in DATASET_CLASSES
+                       else any(n.strip().lower() == 'background' for n in classes[0]))
+            if bg_line:
+                given[0] = 'background'
         if self.dataset == CUSTOM_DATASET:
-            if self.class_names is None:
+            if given is None:
                 raise UsageError(f'dataset {CUSTOM_DATASET!r} needs its class names (label i = name i)')
-            names = validate_class_names(self.class_names)
+            names = validate_class_names(given)
         else:
-            names = validate_class_names(self.class_names if self.class_names is not None
-                                         else DATASET_CLASSES[self.dataset])
+            names = validate_class_names(given if given is not None else DATASET_CLASSES[self.dataset])
             if len(names) != len(DATASET_CLASSES[self.dataset]):
                 raise UsageError(f'{self.dataset} has {len(DATASET_CLASSES[self.dataset])} label values, but '
                                  f'{len(names)} class names were given (for a split of your own with its own '
@@ -171,8 +217,8 @@ def predict_shard(seg: ZeroShotSegmentor, shard: ZeroShotSegDataset, cfg: EvalCo
     loader = make_loader(shard, cfg, device)
 
     def flush(pending):
-        preds = seg.predict([p['img'] for p in pending], [p['ori_shape'] for p in pending],
-                            crop=cfg.crop, stride=cfg.stride, batch_size=cfg.batch_size)
+        preds = seg.predict_labels([p['img'] for p in pending], [p['ori_shape'] for p in pending],
+                                   crop=cfg.crop, stride=cfg.stride, batch_size=cfg.batch_size)
         for p, pred in zip(pending, preds):
             gt = p['gt'].to(pred.device, non_blocking=True)
             bad = gt[(gt != IGNORE_INDEX) & (gt >= C)]
@@ -234,10 +280,46 @@ def build_report(areas: torch.Tensor, names: Sequence[str], images: int, seconds
         settings=dict(data_root=data_root, templates=templates, with_bg=with_bg,
                       bg_thresh=bg_thresh if with_bg else None, resolution=cfg.resolution, max_long=cfg.max_long,
                       crop=cfg.crop, stride=cfg.stride, batch_size=cfg.batch_size, amp=str(cfg.amp),
-                      precision=precision, device=str(cfg.device),
+                      precision=precision, device=str(cfg.device), method=cfg.method,
+                      **_method_settings(cfg),
                       reduce_zero_label=LAYOUTS[cfg.dataset].reduce_zero_label),
     )
     return result
+
+
+def make_segmentor(model, cfg: EvalConfig, names: Sequence[str], with_bg: bool, bg_thresh: float):
+    """The segmentor of ``cfg.method``: ZeroShotSegmentor (SegCLIP) or DenseCLIPSegmentor (SCLIP / CLIP)."""
+    classes = cfg.synonyms()
+    pamr = dict(pamr_steps=cfg.pamr_steps, pamr_dilations=cfg.pamr_dilations)
+    if cfg.method == 'segclip':
+        vocab = dict(class_names=names) if classes is None else dict(classes=classes)
+        return ZeroShotSegmentor(model, templates=cfg.templates, with_bg=with_bg, bg_thresh=bg_thresh,
+                                 amp_dtype=_amp_dtype(cfg.amp), **vocab, **pamr)
+    if cfg.method not in DENSE_METHODS:
+        raise UsageError(f'unknown method {cfg.method!r}; choose one of {METHODS}')
+    from .dense import DenseCLIPSegmentor
+    return DenseCLIPSegmentor(
+        model, classes=classes if classes is not None else [[n] for n in names], templates=cfg.templates,
+        method=cfg.method, crop=cfg.crop, stride=cfg.stride, batch_size=cfg.batch_size,
+        amp_dtype=_amp_dtype(cfg.amp), **_dense_head(cfg), **pamr)
+
+
+def _dense_head(cfg: EvalConfig) -> Dict:
+    """logit_scale / prob_thd / area_thd of a training-free method: the dataset's SCLIP preset where unset."""
+    from .dense import SCLIP_PRESETS
+    p = SCLIP_PRESETS.get(cfg.dataset, SCLIP_PRESETS['voc20'])
+    return dict(logit_scale=p['logit_scale'] if cfg.logit_scale is None else float(cfg.logit_scale),
+                prob_thd=p['prob_thd'] if cfg.prob_thd is None else float(cfg.prob_thd),
+                area_thd=p['area_thd'] if cfg.area_thd is None else (cfg.area_thd or None))   # 0 = off
+
+
+def _method_settings(cfg: EvalConfig) -> Dict:
+    """The settings of the method's head that the report records."""
+    out = dict(pamr_steps=cfg.pamr_steps, pamr_dilations=list(cfg.pamr_dilations) if cfg.pamr_steps else None,
+               synonyms=cfg.synonyms() is not None)
+    if cfg.method in DENSE_METHODS:
+        out.update(_dense_head(cfg))
+    return out
 
 
 def run_zero_shot_eval(model, config: Optional[EvalConfig] = None, on_prediction: Optional[Callable] = None,
@@ -266,8 +348,7 @@ def run_zero_shot_eval(model, config: Optional[EvalConfig] = None, on_prediction
                                   max_image_pixels=cfg.max_image_pixels)
         total = len(full) if cfg.max_images is None else min(len(full), int(cfg.max_images))
         shard = full.subset(range(rank, total, world))    # disjoint, unpadded: every image counted once
-        seg = ZeroShotSegmentor(net, class_names=names, templates=cfg.templates, with_bg=with_bg,
-                                bg_thresh=bg_thresh, amp_dtype=_amp_dtype(cfg.amp))
+        seg = make_segmentor(net, cfg, names, with_bg, bg_thresh)
         with tqdm(total=total, desc=f'zero-shot {cfg.dataset}', unit='img', dynamic_ncols=True,
                   disable=not cfg.progress or rank != 0) as bar:
             result = predict_shard(seg, shard, cfg, len(names), on_prediction, bar)

@@ -90,14 +90,31 @@ class ZeroShotSegmentor:
         bg_thresh: the background threshold (VOC 0.80, Context 0.25, COCO-Object 0.65).
         amp_dtype: run the visual tower under autocast with this dtype (e.g. torch.bfloat16 on GPU); the head
             always computes in float32.
+        classes: instead of ``class_names``, per label its names (synonyms, ``seg_segmentation/synonyms.py``):
+            every name is a query and a class scores the best of its names; the image-level filter keeps the
+            top-5 classes (a class by its best name). With background, the names of label 0 (other than the
+            word 'background') are queries for the background, which then scores the larger of the threshold
+            channel and those names. One name per label gives exactly the plain ``class_names`` result.
+        pamr_steps / pamr_dilations: PAMR (``seg_segmentation/pamr.py``) on the logits at the output size in
+            ``predict``, guided by the image resized to that size; 0 steps (the default) = off, as published.
     """
 
     def __init__(self, model, class_names: Optional[Sequence[str]] = None,
                  text_embedding: Optional[torch.Tensor] = None, templates='simple', with_bg: bool = True,
-                 bg_thresh: float = 0.8, amp_dtype: Optional[torch.dtype] = None):
+                 bg_thresh: float = 0.8, amp_dtype: Optional[torch.dtype] = None,
+                 classes: Optional[Sequence[Sequence[str]]] = None, pamr_steps: int = 0,
+                 pamr_dilations: Sequence[int] = (8, 16)):
         self.model = unwrap_model(model)
         self.device = model_device(self.model)
-        if text_embedding is None:
+        self.query_class = None        # [Q] label index of each text row (None: row i is class i)
+        if classes is not None:
+            if class_names is not None or text_embedding is not None:
+                raise ValueError('give classes, or class_names / text_embedding, not both')
+            self.class_names, queries, query_class = _synonym_queries(classes, with_bg)
+            text_embedding = build_text_embedding(self.model, queries, templates)
+            if len(queries) != len(self.class_names):   # synonyms or background names: per-class reduction
+                self.query_class = torch.tensor(query_class, dtype=torch.long, device=self.device)
+        elif text_embedding is None:
             if class_names is None:
                 raise ValueError('give class_names or text_embedding')
             self.class_names = foreground_names(validate_class_names(class_names))
@@ -106,14 +123,17 @@ class ZeroShotSegmentor:
             if text_embedding.dim() != 2:
                 raise ValueError(f'text_embedding must be [N, D], got {tuple(text_embedding.shape)}')
             self.class_names = None if class_names is None else foreground_names(class_names)
-        self.text_embedding = text_embedding.detach().float().to(self.device)   # [N, D]
+        self.text_embedding = text_embedding.detach().float().to(self.device)   # [N, D] (or [Q, D] with synonyms)
         self.with_bg = bool(with_bg)
         self.bg_thresh = float(bg_thresh)
         self.amp_dtype = amp_dtype
+        self.pamr_steps, self.pamr_dilations = int(pamr_steps), tuple(int(d) for d in pamr_dilations)
 
     @property
     def num_classes(self) -> int:
         """Output channels: N (+1 with background)."""
+        if self.query_class is not None:
+            return len(self.class_names) + int(self.with_bg)
         return self.text_embedding.shape[0] + int(self.with_bg)
 
     # ------------------------------------------------------------------ per crop (design.md §7.2)
@@ -156,18 +176,33 @@ class ZeroShotSegmentor:
         gaff = (F.normalize(group_embeds, dim=-1) @ text.T) * s                   # [B, G, N]
         pre = gaff.softmax(dim=-1)
         img_prob = ((F.normalize(image_embed, dim=-1) @ text.T) * s).softmax(dim=-1)   # [B, N]
-        keep = torch.zeros_like(img_prob, dtype=torch.bool)
-        keep.scatter_(1, img_prob.topk(k=min(5, text.shape[0]), dim=-1).indices, True)
+        if self.query_class is None:
+            keep = torch.zeros_like(img_prob, dtype=torch.bool)
+            keep.scatter_(1, img_prob.topk(k=min(5, text.shape[0]), dim=-1).indices, True)
+        else:   # the top-5 classes by their best name; all names of a kept class stay
+            per_class = _max_per_class(img_prob, self.query_class, dim=1)        # [B, K]
+            top = torch.zeros_like(per_class, dtype=torch.bool)
+            top.scatter_(1, per_class.topk(k=min(5, per_class.shape[1]), dim=-1).indices, True)
+            keep = top[:, self.query_class - int(self.query_class.min())]        # [B, Q]
         # only the image's top-5 classes may win a group; re-weighted by the unfiltered group-class softmax
         gaff = gaff.masked_fill(~keep[:, None, :], float('-inf')).softmax(dim=-1) * pre   # [B, G, N]
 
         # one-hot(center) @ gaff == picking each pixel's center row (exact: the other terms are 0 * finite)
         fg = torch.gather(gaff, 1, center.reshape(B, h * w, 1).expand(-1, -1, gaff.shape[-1]))  # [B, hw, N]
         fg = fg.transpose(1, 2).reshape(B, -1, h, w)                              # [B, N, h, w]
+        stuff = None
+        if self.query_class is not None:                                          # [B, Q, h, w] -> [B, N, h, w]
+            if int(self.query_class.min()) < 0:
+                stuff = fg[:, self.query_class < 0].amax(dim=1)                   # background names [B, h, w]
+                fg = fg[:, self.query_class >= 0]
+                gaff = gaff[..., self.query_class >= 0]
+            fg = _max_per_class(fg, self.query_class[self.query_class >= 0], dim=1)
         if not self.with_bg:
             return fg
         thresh = gaff.flatten(1).amax(dim=1).clamp(max=self.bg_thresh)           # min(bg_thresh, max(gaff)) [B]
         bg = (fg.amax(dim=1) < thresh[:, None, None]).to(fg.dtype)              # [B, h, w]
+        if stuff is not None:
+            bg = torch.maximum(bg, stuff)
         return torch.cat([bg[:, None], fg], dim=1)
 
     @torch.no_grad()
@@ -234,8 +269,51 @@ class ZeroShotSegmentor:
         argmax -> list of [H_i, W_i] int64, as mmseg's slide inference did. ``max_elements`` bounds the memory of
         the resize (see ``upsample_labels``; None = mmseg's one full-size resize, the evaluation's default)."""
         logits = self.slide_logits(images, crop, stride, batch_size)
-        return [upsample_labels(lg, tuple(lg.shape[-2:]) if out_sizes is None else out_sizes[i], max_elements)
-                for i, lg in enumerate(logits)]
+        sizes = [tuple(lg.shape[-2:]) if out_sizes is None else tuple(int(v) for v in out_sizes[i][:2])
+                 for i, lg in enumerate(logits)]
+        if self.pamr_steps > 0:   # refine at the output size, then softmax / argmax there
+            logits = [refine_with_pamr(lg, images[i], size, self.pamr_steps, self.pamr_dilations)
+                      for i, (lg, size) in enumerate(zip(logits, sizes))]
+        return [upsample_labels(lg, size, max_elements) for lg, size in zip(logits, sizes)]
+
+    # the name every segmentor's label prediction has (seg_segmentation/dense.py's ``predict`` also returns logits)
+    predict_labels = predict
+
+
+def _synonym_queries(classes: Sequence[Sequence[str]], with_bg: bool):
+    """Per-label names -> (foreground class names, query names, class of each query: 0..N-1, -1 = background)."""
+    classes = [list(c) for c in classes]
+    fg = classes[1:] if with_bg else classes
+    validate_class_names([c[0] for c in fg] if fg else [], 'class names')
+    queries, query_class = [], []
+    if with_bg:
+        for n in classes[0]:
+            if n.strip().lower() != 'background':   # the word itself is never encoded (design.md §7.1)
+                queries.append(n)
+                query_class.append(-1)
+    for i, names in enumerate(fg):
+        queries.extend(names)
+        query_class.extend([i] * len(names))
+    return [c[0] for c in fg], queries, query_class
+
+
+def _max_per_class(x: torch.Tensor, query_class: torch.Tensor, dim: int) -> torch.Tensor:
+    """x [..., Q, ...] -> [..., K, ...]: per class (ids min..max of ``query_class``) the max over its queries."""
+    lo = int(query_class.min())
+    return torch.stack([x.index_select(dim, (query_class == c).nonzero()[:, 0]).amax(dim=dim)
+                        for c in range(lo, int(query_class.max()) + 1)], dim=dim)
+
+
+def refine_with_pamr(logits: torch.Tensor, image: torch.Tensor, size: Sequence[int], steps: int,
+                     dilations: Sequence[int]) -> torch.Tensor:
+    """logits [C, h, w] of ``image`` [3, h, w] -> PAMR-refined logits [C, H, W] at ``size``: both resized
+    bilinearly to that size, then PAMR guided by the resized image (design.md §12; SCLIP's order)."""
+    from .pamr import pamr
+    H, W = int(size[0]), int(size[1])
+    up = logits[None] if (H, W) == tuple(logits.shape[-2:]) else F.interpolate(
+        logits[None], size=(H, W), mode='bilinear', align_corners=False)
+    guide = F.interpolate(image[None].to(up.device, up.dtype), size=(H, W), mode='bilinear', align_corners=False)
+    return pamr(guide, up, steps, dilations)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
