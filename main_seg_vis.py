@@ -1,6 +1,7 @@
 """Segment photos with any vocabulary and draw the result (design.md §8).
 
     python main_seg_vis.py --input demo/examples/chelsea.jpg --classes "cat, wall, floor" --vis input_pred_label
+    python main_seg_vis.py --method sclip --input demo/examples/chelsea.jpg --classes "cat, wall, floor"   # CLIP only
 
 Writes OUTPUT/vis_imgs/<mode>/<mode>_<name>.jpg per mode, and OUTPUT/labels/<name>.png (label ids, palette PNG)
 with OUTPUT/labels/<name>.json (classes present and their pixel share). See docs/demo.md.
@@ -13,11 +14,12 @@ from common import cli
 from common.errors import UsageError
 from modules.precision import PRECISIONS
 from seg_segmentation.classes import (BG_THRESH, DATASET_CLASSES, foreground_names, has_background,
-                                      parse_class_list, read_class_file)
+                                      parse_class_list)
+from seg_segmentation.synonyms import read_name_file
 from seg_segmentation.templates import TEMPLATES
 from seg_segmentation.drawing import VIS_MODES
 
-LEGACY_FLAGS = {"--resume": {}, "--pretrained_clip_name": {}, "--max_words": {"type": int},
+LEGACY_FLAGS = {"--resume": {}, "--max_words": {"type": int},
                 "--max_frames": {"type": int}, "--seed": {"type": int}}
 
 
@@ -37,8 +39,12 @@ def build_parser():
                        "(default: the dataset's, 0.8 for voc and for your own classes; higher = more background)")
     cli.add_checkpoint_args(
         p, init_model_help="SegCLIP checkpoint (state dict). Default: <cache>/segclip.bin, downloaded from the "
-                           "release page when missing", first_stage_layer=None)
+                           "release page when missing",
+        clip_help="CLIP weights of --method sclip / clip: a name (ViT-B/16, downloaded when missing), an OpenAI / "
+                  "open_clip / .safetensors file or a Hugging Face CLIP folder (ignored with SegCLIP)",
+        first_stage_layer=None)
     cli.add_window_args(p, max_long=False)
+    cli.add_method_args(p)
     cli.add_inference_args(p, precisions=PRECISIONS)
     cli.add_runtime_args(p, distributed=False)
     cli.add_legacy_flags(p, LEGACY_FLAGS, "the checkpoint and the flags above carry every setting")
@@ -47,21 +53,34 @@ def build_parser():
 
 def get_args(argv=None):
     args = cli.parse(build_parser(), argv, aliases={"vis": "vis"})  # 2022 configs: vis = the modes
-    if "all" in args.vis:
-        args.vis = list(VIS_MODES)
+    from seg_segmentation.drawing import GROUP_MODES
+    if args.method != "segclip" and any(m in GROUP_MODES for m in args.vis):
+        raise UsageError(f"--vis {' '.join(m for m in args.vis if m in GROUP_MODES)}: the center views exist only "
+                         f"for SegCLIP, not --method {args.method}")
+    if "all" in args.vis:   # with sclip / clip: every mode but the center views
+        args.vis = [m for m in VIS_MODES if args.method == "segclip" or m not in GROUP_MODES]
     args.vis = list(dict.fromkeys(args.vis))
     if args.classes is not None and args.classes_file is not None:
         raise UsageError("give --classes or --classes_file, not both")
     cli.check_bg_thresh(args)
+    cli.check_method(args)
+    from seg_segmentation.dense import apply_method_defaults
+    apply_method_defaults(args)
     cli.check_window(args)
+
     cli.check_max_image_pixels(args)
     return args
 
 
 def vocabulary(args):
-    """-> (class names without background, with_bg, bg_thresh)."""
+    """-> (class names without background, with_bg, bg_thresh, synonyms: per class its names or None)."""
+    synonyms = None
     if args.classes is not None or args.classes_file is not None:
-        names = parse_class_list(args.classes) if args.classes is not None else read_class_file(args.classes_file)
+        if args.classes is not None:
+            names = parse_class_list(args.classes)
+        else:   # one class per line, its names separated by ", "
+            synonyms = read_name_file(args.classes_file, source="--classes_file")
+            names = [c[0] for c in synonyms]
         if not args.no_bg and "background" in (n.lower() for n in names):
             raise UsageError("'background' is added automatically from --bg_thresh; remove it from your classes "
                              "(or add --no_bg to keep it as an ordinary class)")
@@ -71,7 +90,7 @@ def vocabulary(args):
         names = foreground_names(DATASET_CLASSES[args.dataset])
         with_bg = has_background(args.dataset) and not args.no_bg
         default_thresh = BG_THRESH.get(args.dataset, BG_THRESH["voc"])
-    return names, with_bg, (default_thresh if args.bg_thresh is None else args.bg_thresh)
+    return names, with_bg, (default_thresh if args.bg_thresh is None else args.bg_thresh), synonyms
 
 
 @cli.run_main
@@ -84,18 +103,31 @@ def main(argv=None) -> int:
     from seg_segmentation.visualize import SegmentationDemo, run_visualization
 
     # every input is checked before the model is loaded
-    names, with_bg, bg_thresh = vocabulary(args)
+    names, with_bg, bg_thresh, synonyms = vocabulary(args)
     inputs = collect_inputs(args.input)
     device = cli.resolve_device(args.device)
     cli.check_writable_dir(args.output_dir, "--output_dir")
-    ckpt = resolve_segclip_checkpoint(args.init_model, cache_dir=args.cache_dir, progress=not args.no_progress,
-                                      expected_keys=segclip_checkpoint_keys)
-    model = load_segclip(ckpt, device=device, use_vision_mae_recon=False, precision=args.precision)
-    if args.first_stage_layer is not None and args.first_stage_layer != model.config.first_stage_layer:
-        raise UsageError(f"--first_stage_layer {args.first_stage_layer} does not match the checkpoint "
-                         f"({model.config.first_stage_layer}); leave the flag out")
+    head = dict(pamr_steps=args.pamr_steps, pamr_dilations=tuple(args.pamr_dilations))
+    if args.method == "segclip":
+        ckpt = resolve_segclip_checkpoint(args.init_model, cache_dir=args.cache_dir, progress=not args.no_progress,
+                                          expected_keys=segclip_checkpoint_keys)
+        model = load_segclip(ckpt, device=device, use_vision_mae_recon=False, precision=args.precision)
+        if args.first_stage_layer is not None and args.first_stage_layer != model.config.first_stage_layer:
+            raise UsageError(f"--first_stage_layer {args.first_stage_layer} does not match the checkpoint "
+                             f"({model.config.first_stage_layer}); leave the flag out")
+    else:   # a plain CLIP: SCLIP's head with --dataset's preset (voc for your own classes)
+        from modules.checkpoint import load_clip
+        from modules.precision import set_precision
+        from seg_segmentation.dense import head_settings
+        if args.init_model is not None:
+            raise UsageError(f"--init_model is a SegCLIP checkpoint; --method {args.method} runs the CLIP of "
+                             "--pretrained_clip_name")
+        model = set_precision(load_clip(args.pretrained_clip_name, cache_dir=args.cache_dir, device=device,
+                                        activation=args.clip_activation), args.precision).eval()
+        head.update(head_settings(args.dataset, args.logit_scale, args.prob_thd, args.area_thd))
     demo = SegmentationDemo(model, names, with_bg=with_bg, bg_thresh=bg_thresh, templates=args.templates,
-                            crop=args.crop_size, stride=args.stride, resolution=args.resolution)
+                            crop=args.crop_size, stride=args.stride, resolution=args.resolution,
+                            method=args.method, head=head, synonyms=synonyms)
 
     cli.note_ignored_flags(args)
     vocab = ", ".join(demo.label_names[:12]) + (f" ... ({len(demo.label_names)} labels)"

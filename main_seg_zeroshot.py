@@ -73,6 +73,7 @@ def parse_args(argv=None):
         raise UsageError('give --classes or --classes_file, not both')
     cli.check_bg_thresh(args)
     cli.check_method(args)
+    from seg_segmentation.dense import apply_method_defaults
     apply_method_defaults(args)
     cli.check_window(args)
     cli.check_positive(args, 'batch_size', 'max_images')
@@ -80,16 +81,6 @@ def parse_args(argv=None):
     if args.num_workers < 0:
         raise UsageError(f'--num_workers must be >= 0, got {args.num_workers}')
     return args
-
-
-def apply_method_defaults(args) -> None:
-    """--resolution / --crop_size / --stride / --templates not given -> the method's published values."""
-    from seg_segmentation.dense import method_defaults
-    defaults = method_defaults(args.method, args.dataset)
-    for flag, key in (('resolution', 'resolution'), ('crop_size', 'crop'), ('stride', 'stride'),
-                      ('templates', 'templates')):
-        if getattr(args, flag) is None:
-            setattr(args, flag, defaults[key])
 
 
 def read_class_names(args):

@@ -38,6 +38,26 @@ SCLIP_WINDOW = dict(crop=224, stride=112, pamr_steps=0, pamr_dilations=(8, 16), 
 SEGCLIP_WINDOW = dict(resolution=224, crop=224, stride=224, templates='simple')   # design.md §7.3
 
 
+def head_settings(dataset: str, logit_scale: Optional[float] = None, prob_thd: Optional[float] = None,
+                  area_thd: Optional[float] = None) -> dict:
+    """DenseCLIPSegmentor's logit_scale / prob_thd / area_thd: the given ones, else ``dataset``'s SCLIP preset;
+    area_thd 0 means off (None)."""
+    p = SCLIP_PRESETS.get(dataset, SCLIP_PRESETS['voc20'])
+    return dict(logit_scale=p['logit_scale'] if logit_scale is None else float(logit_scale),
+                prob_thd=p['prob_thd'] if prob_thd is None else float(prob_thd),
+                area_thd=p['area_thd'] if area_thd is None else (float(area_thd) or None))
+
+
+def apply_method_defaults(args) -> None:
+    """A script's ``--resolution`` / ``--crop_size`` / ``--stride`` / ``--templates`` left unset (None, see
+    ``common.cli.add_method_args``) -> ``args.method``'s published values for ``args.dataset``."""
+    defaults = method_defaults(args.method, args.dataset)
+    for flag, key in (('resolution', 'resolution'), ('crop_size', 'crop'), ('stride', 'stride'),
+                      ('templates', 'templates')):
+        if getattr(args, flag, None) is None:
+            setattr(args, flag, defaults[key])
+
+
 def method_defaults(method: str, dataset: str) -> dict:
     """resolution / crop / stride / templates of ``method``'s published protocol on ``dataset`` (a split of your
     own gets SCLIP's no-background preset)."""

@@ -306,11 +306,8 @@ def make_segmentor(model, cfg: EvalConfig, names: Sequence[str], with_bg: bool, 
 
 def _dense_head(cfg: EvalConfig) -> Dict:
     """logit_scale / prob_thd / area_thd of a training-free method: the dataset's SCLIP preset where unset."""
-    from .dense import SCLIP_PRESETS
-    p = SCLIP_PRESETS.get(cfg.dataset, SCLIP_PRESETS['voc20'])
-    return dict(logit_scale=p['logit_scale'] if cfg.logit_scale is None else float(cfg.logit_scale),
-                prob_thd=p['prob_thd'] if cfg.prob_thd is None else float(cfg.prob_thd),
-                area_thd=p['area_thd'] if cfg.area_thd is None else (cfg.area_thd or None))   # 0 = off
+    from .dense import head_settings
+    return head_settings(cfg.dataset, cfg.logit_scale, cfg.prob_thd, cfg.area_thd)
 
 
 def _method_settings(cfg: EvalConfig) -> Dict:

@@ -47,23 +47,29 @@ class SegmentationDemo:
     """A SegCLIP model + a vocabulary -> per-pixel labels and center assignments for photos of any size.
 
     Args:
-        model: a SegCLIP in eval mode (any device, fp32 or bf16: modules/precision.py).
-        class_names: the vocabulary, without 'background' (background comes from ``bg_thresh`` when ``with_bg``).
+        model: a SegCLIP in eval mode (any device, fp32 or bf16: modules/precision.py); with ``method`` 'sclip' /
+            'clip' a plain ``modules.clip.CLIP`` (the training-free segmenters, design.md §12).
+        class_names: the vocabulary, without 'background' (background comes from ``bg_thresh`` when ``with_bg``;
+            with sclip / clip from the word 'background' and ``prob_thd``).
         crop / stride / resolution / max_long / templates: the evaluation's settings (design.md §7.3).
         max_elements: memory bound of the resize to the photo's size (None: one full-size resize).
+        method / head: 'segclip' | 'sclip' | 'clip'; ``head`` holds DenseCLIPSegmentor's logit_scale / prob_thd /
+            area_thd and PAMR settings (pamr_steps / pamr_dilations also apply to SegCLIP).
     """
 
     def __init__(self, model, class_names: Sequence[str], with_bg: bool = True, bg_thresh: float = 0.8,
                  templates: str = "simple", crop: int = 224, stride: int = 224, resolution: int = 224,
-                 max_long: int = 2048, max_elements: Optional[int] = DEMO_MAX_ELEMENTS):
+                 max_long: int = 2048, max_elements: Optional[int] = DEMO_MAX_ELEMENTS, method: str = "segclip",
+                 head: Optional[Dict] = None, synonyms: Optional[Sequence[Sequence[str]]] = None):
         patch = model.patch_size
         if crop % patch:
             raise UsageError(f"crop size {crop} must be a multiple of the patch size {patch}")
         self.model = model
+        self.method, self.head = method, dict(head or {})
         self.templates = templates
         self.crop, self.stride, self.resolution, self.max_long = crop, stride, resolution, max_long
         self.max_elements = max_elements
-        self.set_vocabulary(class_names, with_bg, bg_thresh)
+        self.set_vocabulary(class_names, with_bg, bg_thresh, synonyms)
 
     @classmethod
     def from_checkpoint(cls, checkpoint, class_names: Sequence[str], device="cpu", precision: str = "fp32",
@@ -73,12 +79,23 @@ class SegmentationDemo:
         model = load_segclip(checkpoint, device=device, use_vision_mae_recon=False, precision=precision)
         return cls(model, class_names, **settings)
 
-    def set_vocabulary(self, class_names: Sequence[str], with_bg: bool = True, bg_thresh: float = 0.8) -> None:
-        """Change the vocabulary (encodes the class names once; the model is kept)."""
+    def set_vocabulary(self, class_names: Sequence[str], with_bg: bool = True, bg_thresh: float = 0.8,
+                       synonyms: Optional[Sequence[Sequence[str]]] = None) -> None:
+        """Change the vocabulary (encodes the class names once; the model is kept). ``synonyms``: per class its
+        names, replacing ``class_names`` (seg_segmentation/synonyms.py)."""
         from .inference import ZeroShotSegmentor
-        self.segmentor = ZeroShotSegmentor(self.model, class_names=class_names, templates=self.templates,
-                                           with_bg=with_bg, bg_thresh=bg_thresh)
-        self.class_names = list(self.segmentor.class_names)
+        classes = [list(c) for c in synonyms] if synonyms is not None else [[n] for n in class_names]
+        if self.method == "segclip":
+            pamr = {k: self.head[k] for k in ("pamr_steps", "pamr_dilations") if k in self.head}
+            self.segmentor = ZeroShotSegmentor(self.model, classes=([["background"]] if with_bg else []) + classes,
+                                               templates=self.templates, with_bg=with_bg, bg_thresh=bg_thresh,
+                                               **pamr)
+        else:
+            from .dense import DenseCLIPSegmentor
+            self.segmentor = DenseCLIPSegmentor(self.model, classes=([["background"]] if with_bg else []) + classes,
+                                                templates=self.templates, method=self.method, crop=self.crop,
+                                                stride=self.stride, **self.head)
+        self.class_names = [c[0] for c in classes]
         self.with_bg, self.bg_thresh = bool(with_bg), float(bg_thresh)
         self.label_names = (["background"] if with_bg else []) + self.class_names
         self.palette = class_palette(len(self.label_names), with_bg)
@@ -90,8 +107,8 @@ class SegmentationDemo:
 
     def labels(self, image, size) -> np.ndarray:
         """image [3, h, w] (preprocessed) -> labels [H, W] at ``size`` (the evaluation's prediction)."""
-        pred = self.segmentor.predict([image], out_sizes=[size], crop=self.crop, stride=self.stride,
-                                      max_elements=self.max_elements)[0]
+        pred = self.segmentor.predict_labels([image], out_sizes=[size], crop=self.crop, stride=self.stride,
+                                             max_elements=self.max_elements)[0]
         return pred.cpu().numpy().astype(np.uint8 if len(self.label_names) <= 256 else np.int32)
 
     def groups(self, image, size) -> np.ndarray:
@@ -102,6 +119,9 @@ class SegmentationDemo:
         padded with the mean colour), soft assignment stretched bilinearly over the photo, argmax over centers."""
         import torch.nn.functional as F
         from .inference import upsample_labels
+        if self.method != "segclip":
+            raise UsageError(f"the center views ({', '.join(GROUP_MODES)}) exist only for SegCLIP, not --method "
+                             f"{self.method}")
         p = self.model.patch_size
         h, w = image.shape[-2:]
         if h < p or w < p:
