@@ -49,8 +49,10 @@ def parse_name_lines(lines: Sequence[str], source: str = 'class names') -> List[
         for n in names:
             key = normalize_text(n)
             if key in seen:
-                raise ClassNamesError(f'{source}: the name {n!r} of class {i} (line {i + 1}) repeats {seen[key][1]!r} '
-                                      f'of class {seen[key][0]}; each name may stand for one class only')
+                j, other = seen[key]
+                same = '' if other == n else f'; {other!r} and {n!r} are the same text to the tokenizer'
+                raise ClassNamesError(f'{source}: duplicate class name {n!r} (classes {j} and {i}{same}); each '
+                                      'name may stand for one class only')
             seen[key] = (i, n)
         classes.append(names)
     return classes

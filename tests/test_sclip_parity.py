@@ -126,7 +126,7 @@ def test_pamr_alone(sclip_ref):
 
 def test_name_lines():
     assert parse_name_lines(["sky, wall", "cat", "dog, puppy", ""]) == [["sky", "wall"], ["cat"], ["dog", "puppy"]]
-    with pytest.raises(ClassNamesError, match="repeats 'cat' of class 0"):
+    with pytest.raises(ClassNamesError, match=r"duplicate class name 'Cat' \(classes 0 and 1; 'cat' and 'Cat'"):
         parse_name_lines(["cat", "dog, Cat"])
     with pytest.raises(ClassNamesError, match="line 2 .* empty name"):
         parse_name_lines(["cat", "dog, "])
