@@ -276,8 +276,10 @@ class ZeroShotSegmentor:
                       for i, (lg, size) in enumerate(zip(logits, sizes))]
         return [upsample_labels(lg, size, max_elements) for lg, size in zip(logits, sizes)]
 
-    # the name every segmentor's label prediction has (seg_segmentation/dense.py's ``predict`` also returns logits)
-    predict_labels = predict
+    def predict_labels(self, *args, **kwargs) -> List[torch.Tensor]:
+        """``predict``, under the name every segmentor's label prediction has (the evaluation and the demo call
+        it; seg_segmentation/dense.py's ``predict`` returns logits too)."""
+        return self.predict(*args, **kwargs)
 
 
 def _synonym_queries(classes: Sequence[Sequence[str]], with_bg: bool):
