@@ -219,18 +219,18 @@ def main(argv=None) -> int:
         resume_state = load_resume_state(env, args.output_dir, resume_model=args.resume_model,
                                          auto=args.resume == "auto")
 
-        from dataloaders.pretrain import build_pretrain_dataset
-        try:
-            dataset = build_pretrain_dataset(args)
-        except ValueError as e:                   # dataloaders.pretrain reports bad data flags as ValueError
-            if isinstance(e, SegCLIPError):
-                raise
-            raise UsageError(str(e)) from e
-
         random.seed(args.seed)
         np.random.seed(args.seed)
         torch.manual_seed(args.seed)
         model = build_model(args)
+
+        from dataloaders.pretrain import build_pretrain_dataset
+        try:   # after the model: the superpixel patch grid is the model's
+            dataset = build_pretrain_dataset(args, patch_size=model.patch_size)
+        except ValueError as e:                   # dataloaders.pretrain reports bad data flags as ValueError
+            if isinstance(e, SegCLIPError):
+                raise
+            raise UsageError(str(e)) from e
         result = train(model, dataset, cfg, env, resume_state=resume_state,
                        eval_fn=make_eval_fn(args, env.device),
                        extra_state={"args": {k: v for k, v in vars(args).items()

@@ -1,5 +1,6 @@
 """Pretraining-data benchmark: preprocessing throughput and peak memory (2k vs 8k images: memory must stay flat),
-superpixel throughput, and loader samples/s with 0 and 2 workers. Prints a table and one JSON line.
+superpixel throughput, and loader samples/s with 0 and 2 workers (stores, and streaming from the shards). The
+shards are the quickstart world's (preprocess/synthetic.py) at 400x400. Prints a table and one JSON line.
 
     python benchmarks/bench_data.py                       # 2000 and 8000 images, ~3 min on 2 cores
     python benchmarks/bench_data.py --sizes 500,2000 --workers 2 --keep data/bench
@@ -13,25 +14,18 @@ import tempfile
 import time
 from pathlib import Path
 
+from torch.utils.data import DataLoader
+
+from dataloaders.datasets import StoreDataset
+from dataloaders.webdataset_stream import WebDatasetStream
+from dataloaders.workers import init_loader_worker
+from preprocess.synthetic import write_train_shards
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def write_shards(out: Path, n: int, per_shard: int, seed: int = 0):
-    """n random 400x300 JPEGs with captions as img2dataset-style shards (webdataset TarWriter)."""
-    import numpy as np
-    from webdataset import TarWriter
-    from dataloaders.testing import cc_caption_for, jpeg_bytes, random_image
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for s in range(0, n, per_shard):
-        with TarWriter(str(out / f"{s // per_shard:05d}.tar")) as tw:
-            for i in range(s, min(n, s + per_shard)):
-                # noisy texture so JPEGs have realistic sizes (~30-60 kB) and decode cost
-                img = np.asarray(random_image(rng, (400, 300))).astype(np.int16)
-                img = np.clip(img + rng.integers(-25, 25, img.shape), 0, 255).astype(np.uint8)
-                from PIL import Image
-                tw.write({"__key__": f"{i:09d}", "jpg": jpeg_bytes(Image.fromarray(img)),
-                          "json": json.dumps({"caption": cc_caption_for(i)}).encode(), "txt": cc_caption_for(i)})
+# Side of the generated square pictures (the quickstart world's shapes on textured backgrounds): ~30-50 kB JPEGs
+# like CC3M's after img2dataset's resize.
+IMAGE_SIDE = 400
+PATCH_SIZE = 16  # ViT-B/16
 
 
 def run_script(name, *args):
@@ -46,10 +40,22 @@ def run_script(name, *args):
 
 
 def loader_rate(store, workers: int, samples: int, use_seglabel: bool) -> float:
-    from torch.utils.data import DataLoader
-    from dataloaders.datasets import StoreDataset
-    ds = StoreDataset(store, max_words=32, use_seglabel=use_seglabel)
-    loader = DataLoader(ds, batch_size=min(32, len(ds)), shuffle=True, num_workers=workers, persistent_workers=workers > 0)
+    ds = StoreDataset(store, max_words=32, use_seglabel=use_seglabel, patch_size=PATCH_SIZE)
+    loader = DataLoader(ds, batch_size=min(32, len(ds)), shuffle=True, num_workers=workers, persistent_workers=workers > 0,
+                        worker_init_fn=init_loader_worker)
+    return _rate(loader, samples)
+
+
+def stream_rate(shards, workers: int, samples: int) -> float:
+    """--datatype wds: the streaming loader straight from the shards (one process, exact epoch plan)."""
+    ds = WebDatasetStream(shards, max_words=32, patch_size=PATCH_SIZE)
+    batch = 32
+    ds.set_batch_size(batch)
+    loader = DataLoader(ds, batch_size=batch, num_workers=workers, drop_last=False, worker_init_fn=init_loader_worker)
+    return _rate(loader, samples)
+
+
+def _rate(loader, samples: int) -> float:
     n, t0 = 0, None
     while n < samples:  # small stores: several epochs
         for batch in loader:
@@ -73,12 +79,12 @@ def main():
     ap.add_argument("--keep", default=None, help="work folder to keep (default: a temporary one, deleted)")
     a = ap.parse_args()
     work = Path(a.keep or tempfile.mkdtemp(prefix="bench_data_"))
-    results = {"preprocess": [], "superpixels": None, "loader": []}
+    results = {"preprocess": [], "superpixels": None, "loader": [], "stream": []}
     try:
         for n in (int(x) for x in a.sizes.split(",")):
             shards = work / f"shards_{n}"
             if not shards.exists():
-                write_shards(shards, n, a.per_shard)
+                write_train_shards(str(shards), n, IMAGE_SIDE, seed=0, shard_size=a.per_shard)
             store = work / f"store_{n}"
             shutil.rmtree(store, ignore_errors=True)
             s = run_script("build_cc3m.py", "--shards", shards, "--output_dir", store, "--workers", a.workers)
@@ -98,6 +104,8 @@ def main():
             for seg, store in ((False, first), (True, small)):
                 results["loader"].append({"workers": workers, "use_seglabel": seg,
                                           "samples_per_s": round(loader_rate(store, workers, a.loader_samples, seg), 1)})
+            results["stream"].append({"workers": workers, "samples_per_s": round(stream_rate(
+                work / f"shards_{a.sizes.split(',')[0]}", workers, a.loader_samples), 1)})
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -110,6 +118,8 @@ def main():
     print(f"superpixels: {results['superpixels']}")
     for r in results["loader"]:
         print(f"loader workers={r['workers']} use_seglabel={r['use_seglabel']}: {r['samples_per_s']} samples/s")
+    for r in results["stream"]:
+        print(f"stream (--datatype wds) workers={r['workers']}: {r['samples_per_s']} samples/s")
     print("RESULTS " + json.dumps(results))
 
 

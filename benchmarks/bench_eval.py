@@ -1,4 +1,6 @@
-"""End-to-end zero-shot evaluation speed: our path vs the 2022 loop, on a generated VOC-like split.
+"""End-to-end zero-shot evaluation speed: our path vs the 2022 loop, on a generated VOC-layout split.
+
+The split holds the quickstart world's pictures (preprocess/synthetic.py) at 500x375.
 
     python benchmarks/bench_eval.py                       # CPU, 12 images 500x375, random full-size ViT-B/16
     python benchmarks/bench_eval.py --device cuda --precision bf16 --images 200 --json eval.json
@@ -14,16 +16,28 @@ import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
+from PIL import Image
 
 from seg_segmentation.classes import BG_THRESH, DATASET_CLASSES
 from seg_segmentation.datasets import ZeroShotSegDataset, collate_list
 from seg_segmentation.evaluate import areas_to_metrics, intersect_and_union, run_zero_shot_eval
 from seg_segmentation.inference import build_text_embedding, slide_windows
-from seg_segmentation.synthetic import write_fake_dataset
+from preprocess.synthetic import write_voc_split
+
+
+def write_voc_like(root: str, num_images: int) -> str:
+    """``num_images`` pictures of the quickstart world in the VOC layout, stretched to 500x375 like VOC photos
+    (so each needs two 224 windows after the short-side resize, as real VOC images do)."""
+    write_voc_split(root, num_images, size=375, seed=0)
+    for path in Path(root, "JPEGImages").glob("*.jpg"):
+        Image.open(path).resize((500, 375), Image.BICUBIC).save(path, quality=92)
+    for path in Path(root, "SegmentationClass").glob("*.png"):
+        Image.open(path).resize((500, 375), Image.NEAREST).save(path)   # palette PNG: ids kept
+    return root
 
 
 @torch.no_grad()
@@ -110,8 +124,7 @@ def main():
     ours_model = set_precision(copy.deepcopy(model), args.precision) if args.precision != 'fp32' else model
 
     with tempfile.TemporaryDirectory() as tmp:
-        root = args.data_root or write_fake_dataset('voc', os.path.join(tmp, 'VOC2012'), num_images=args.images,
-                                                    size=(500, 375))
+        root = args.data_root or write_voc_like(os.path.join(tmp, 'VOC2012'), args.images)
         # warm-up (first-call allocations, lazy imports) on one image
         run_zero_shot_eval(ours_model, dataset='voc', data_root=root, device=device, num_workers=0, max_images=1,
                            progress=False)

@@ -4,13 +4,12 @@ All three builders stream: work goes to a process pool in bounded windows, resul
 input order and committed every few hundred samples, so memory does not grow with the dataset. They resume: a rerun
 skips keys (and, for CC3M, whole shards) already written. Each returns a summary dict (also printed by the scripts).
 """
+import hashlib
 import itertools
 import json
 import logging
 import multiprocessing as mp
-import os
 import resource
-import tarfile
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, List, Optional, Sequence
@@ -20,11 +19,17 @@ from tqdm import tqdm
 
 from dataloaders import stores
 from dataloaders.imageio import decode_rgb, encode_for_store
+from dataloaders.shards import iter_tar_samples, list_shards, sample_caption, sample_image
 from dataloaders import superpixels as sp
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# CC3M store keys are "<shard fingerprint>/<img2dataset key>" (img2dataset keys are unique only within one run);
+# stores written before carry the bare keys and no "cc3m_keys" entry in their info.
+CC3M_KEY_SCHEME = "shard-fingerprint/key"
+# Bytes hashed at each end of a shard for its fingerprint (with its size): distinct shards differ there (JPEG data),
+# and a moved or renamed copy keeps it, so finished shards are recognised wherever they lie.
+FINGERPRINT_BYTES = 1 << 20
 
 
 def _proc_status_mb(field: str) -> Optional[float]:
@@ -186,105 +191,55 @@ def _require(path) -> Path:
     return path
 
 
-def _brace_expand(spec: str) -> List[str]:
-    """Expand ``{a..b}`` ranges (zero padding kept) and ``{x,y}`` lists, as webdataset/img2dataset names shards."""
-    import re
-    m = re.search(r"\{([^{}]*)\}", spec)
-    if not m:
-        return [spec]
-    body, head, tail = m.group(1), spec[:m.start()], spec[m.end():]
-    r = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if r:
-        a, b = r.group(1), r.group(2)
-        width = len(a) if a.startswith("0") else 0
-        opts = [str(i).zfill(width) for i in range(int(a), int(b) + 1)]
-    else:
-        opts = body.split(",")
-    return [x for o in opts for x in _brace_expand(head + o + tail)]
+def shard_fingerprint(path) -> str:
+    """16 hex digits identifying a shard by content: sha256 of its size and its first and last MiB."""
+    path = Path(path)
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(FINGERPRINT_BYTES))
+        if size > FINGERPRINT_BYTES:
+            f.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
+            h.update(f.read())
+    return h.hexdigest()[:16]
 
 
-def list_shards(spec) -> List[Path]:
-    """Shard list from a folder (every *.tar, sorted), a glob, a brace range ``dir/{00000..00012}.tar``, or a list."""
-    import glob
-    if isinstance(spec, (list, tuple)):
-        return [p for s in spec for p in list_shards(s)]
-    spec = str(spec)
-    if os.path.isdir(spec):
-        shards = sorted(Path(spec).glob("*.tar"))
-    else:
-        shards = []
-        for s in _brace_expand(spec):
-            shards += sorted(Path(p) for p in glob.glob(s)) if any(c in s for c in "*?[") else [Path(s)]
-    missing = [str(s) for s in shards if not s.is_file()]
-    if missing:
-        raise stores.StoreError(f"{len(missing)} shard(s) not found, e.g. {missing[0]}")
-    if not shards:
-        raise stores.StoreError(f"no .tar shards found at {spec}")
-    return shards
-
-
-def iter_tar_samples(path) -> Iterator[dict]:
-    """Stream one webdataset tar -> {"__key__": key, "<ext>": bytes, ...} per sample, one sample in memory at a time.
-
-    The key is the member path up to the first dot of its file name (webdataset's rule); members of a sample are
-    consecutive in img2dataset shards. A truncated/corrupt tar ends the shard (the samples read so far are kept).
-    """
-    current, key = {}, None
-    try:
-        with tarfile.open(path, "r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                d, _, base = member.name.rpartition("/")
-                stem, dot, ext = base.partition(".")
-                if not dot:
-                    continue
-                k = f"{d}/{stem}" if d else stem
-                if k != key:
-                    if current:
-                        yield current
-                    current, key = {"__key__": k}, k
-                current[ext.lower()] = tar.extractfile(member).read()
-                tar.members = []  # TarFile keeps every member header it has read: drop them (flat memory)
-    except (tarfile.TarError, OSError, EOFError) as e:
-        logger.warning("shard %s is truncated or corrupt (%s); keeping the samples read before", path, e)
-    if current:
-        yield current
-
-
-def sample_caption(sample: dict) -> Optional[str]:
-    """Caption of an img2dataset sample: ``json['caption']``, else the ``txt`` member; None when absent/empty."""
-    cap = None
-    if "json" in sample:
-        try:
-            cap = json.loads(sample["json"]).get("caption")
-        except (ValueError, AttributeError):
-            cap = None
-    if not (isinstance(cap, str) and cap.strip()) and "txt" in sample:
-        cap = sample["txt"].decode("utf-8", errors="replace")
-    return cap.strip() if isinstance(cap, str) and cap.strip() else None
-
-
-def sample_image(sample: dict) -> Optional[bytes]:
-    for ext in IMAGE_EXTS:
-        if ext in sample:
-            return sample[ext]
-    return None
+def _check_cc3m_key_scheme(output_dir) -> None:
+    """Refuse to extend a store whose keys follow another scheme (a rerun would store every sample twice)."""
+    if not stores.is_store(output_dir):
+        return
+    info = stores.read_store_info(output_dir)
+    if info.get("source") == "cc3m" and info.get("cc3m_keys") != CC3M_KEY_SCHEME:
+        raise stores.StoreError(f"{output_dir} is a CC3M store written by an older version (keys without shard "
+                                "fingerprints); write the new store to another --output_dir")
 
 
 def build_cc3m_store(shards, output_dir, workers: int = 0, max_samples: Optional[int] = None,
                      progress: bool = True) -> dict:
-    """img2dataset webdataset shards -> store at ``output_dir`` in one streaming pass (key = sample key)."""
+    """img2dataset webdataset shards -> store at ``output_dir`` in one streaming pass.
+
+    Shards are identified by content (``shard_fingerprint``), not by file name, and a sample's store key is
+    ``<fingerprint>/<img2dataset key>``: two img2dataset runs both holding ``00000.tar`` (same names, same keys)
+    are both stored whole, while the same shard given twice, or again after a move, is skipped. Every sample read
+    is either written or counted (no_image, no_caption, failed, duplicate_key, already_done)."""
     t0 = time.time()
     shard_paths = list_shards(shards)
-    writer = stores.StoreWriter(output_dir, "cc3m")
+    _check_cc3m_key_scheme(output_dir)
+    writer = stores.StoreWriter(output_dir, "cc3m", {"cc3m_keys": CC3M_KEY_SCHEME})
     mem = _PeakPrivate()
-    count = _Counter(written=0, already_done=0, shards_skipped=0, no_image=0, no_caption=0, failed=0)
+    count = _Counter(written=0, already_done=0, shards_skipped=0, no_image=0, no_caption=0, failed=0,
+                     duplicate_key=0)
     stop = False
 
-    def jobs(path):
+    def jobs(path, fingerprint):
+        seen = set()  # keys of this shard in this run: a repeat is a duplicate inside the shard, not a resume
         for s in iter_tar_samples(path):
-            key = s["__key__"].rpartition("/")[2]  # img2dataset keys are unique across shards
+            key = f"{fingerprint}/{s['__key__']}"
+            if key in seen:
+                count.add("duplicate_key")
+                logger.warning("CC3M sample key %s appears twice in %s; the second is not stored", s["__key__"], path)
+                continue
+            seen.add(key)
             if writer.has(key):
                 count.add("already_done")
                 continue
@@ -300,14 +255,15 @@ def build_cc3m_store(shards, output_dir, workers: int = 0, max_samples: Optional
     bar = tqdm(disable=not progress, desc="cc3m", unit="img")
     try:
         for path in shard_paths:
-            name = path.name
-            if writer.is_done(name):
+            fingerprint = shard_fingerprint(path)
+            if writer.is_done(fingerprint):  # also a shard given twice in this run
                 count.add("shards_skipped")
+                logger.info("shard %s (%s) is already in the store; skipped", path, fingerprint)
                 continue
-            for key, data, caps, err in _windowed_map(_encode_job, jobs(path), workers):
+            for key, data, caps, err in _windowed_map(_encode_job, jobs(path, fingerprint), workers):
                 if data is None:
                     count.add("failed")
-                    logger.warning("CC3M sample %s in %s skipped: %s", key, name, err)
+                    logger.warning("CC3M sample %s in %s skipped: %s", key, path, err)
                     continue
                 writer.put(key, data, caps)
                 count.add("written")
@@ -318,7 +274,7 @@ def build_cc3m_store(shards, output_dir, workers: int = 0, max_samples: Optional
                     break
             if stop:
                 break
-            writer.mark_done(name)
+            writer.mark_done(fingerprint)
             writer.commit()
         total = writer.count()
     finally:

@@ -1,14 +1,22 @@
 """Map-style pretraining datasets over LMDB stores (ours and the 2022 layouts), design.md §6.
 
 Every dataset yields ``dict(input_ids=LongTensor[max_words], attention_mask=LongTensor[max_words],
-image=FloatTensor[3, 224, 224], superpixels=LongTensor[14, 14])`` (superpixels only with ``use_seglabel``).
-A sample whose image cannot be decoded is replaced by the next one (at most ``max_retries`` times), counted and
-logged, so one bad record cannot stop a multi-day run.
+image=FloatTensor[3, S, S], superpixels=LongTensor[S/p, S/p], skipped=int)`` (S = image_size, p = the model's patch
+size; superpixels only with ``use_seglabel``).
+
+``skipped`` is how corrupt data is counted across loader workers and ranks: it is 1 when the requested sample could
+not be used (undecodable or missing image) and the item is a replacement, else 0. The DataLoader collates it into a
+LongTensor[B], so the sum of ``batch["skipped"]`` over an epoch's batches is the number of unusable samples this
+rank met in that epoch (sum it before moving the batch to the GPU; add the ranks up with one all-reduce). The
+replacement is a random sample drawn from the item's own RNG (seeded per (seed, epoch, index) by the training
+loop), so it differs from epoch to epoch instead of doubling the same neighbour every time; after
+``max_retries`` unusable draws in a row the store is declared damaged.
 """
 import json
 import logging
+import random
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -18,6 +26,7 @@ from dataloaders import stores
 from dataloaders.imageio import decode_rgb
 from dataloaders.transforms import TrainTransform
 from dataloaders import superpixels as sp
+from modules.tokenization_clip import tokenize_captions
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +40,8 @@ class SuperpixelSource:
     """Superpixel label maps by image key, from an LMDB (ours or 2022 format), with an on-the-fly fallback.
 
     missing='compute' (default): an image without an entry gets its superpixels computed from the stored image
-    (same parameters, identical result, ~50 ms) and is counted; missing='error' raises naming the key.
+    (same parameters, identical result, ~50 ms) and is counted; missing='error': ``require(keys)`` refuses a store
+    that lacks any of the dataset's images before training starts.
     """
 
     def __init__(self, path, missing: str = "compute"):
@@ -50,23 +60,34 @@ class SuperpixelSource:
         if value is not None:
             return sp.decode_label_map(value)
         if self.missing == "error":
-            raise KeyError(f"no superpixel entry for image '{key}' in {self.path}; rerun preprocess/build_superpixels.py"
-                           " (it resumes) or use --superpixel_missing compute")
+            raise stores.StoreError(f"no superpixel entry for image '{key}' in {self.path}; finish the store with "
+                                    "preprocess/build_superpixels.py (it resumes) or use --superpixel_missing compute")
         self.computed += 1
         if self.computed <= 10 or self.computed % 1000 == 0:
             logger.warning("superpixels of '%s' missing in %s; computed on the fly (%d so far in this worker)",
                            key, self.path, self.computed)
         return sp.felzenszwalb(np.asarray(image)).astype(np.int64)
 
+    def require(self, keys: np.ndarray) -> None:
+        """StoreError (one line) unless every key (utf-8 bytes) has an entry: --superpixel_missing error."""
+        missing, first = self.lmdb.count_missing(keys)
+        if missing:
+            raise stores.StoreError(
+                f"superpixel store {self.path} lacks {missing} of {len(keys)} images (e.g. '{first}'); finish it with "
+                "`python preprocess/build_superpixels.py --store STORE` (it resumes) or use "
+                "--superpixel_missing compute")
+
 
 class CaptionImageDataset(Dataset):
-    """Base class: sample i = (image key, caption number). Subclasses say where bytes and captions come from."""
+    """Base class: sample i = (image key, caption number). Subclasses say where bytes and captions come from.
+
+    patch_size: the model's (``SegCLIP.patch_size``): superpixel labels are pooled on its grid."""
 
     name = "data"
 
-    def __init__(self, keys: Sequence[str], captions_per_key: Sequence[int], max_words: int = 32,
+    def __init__(self, keys: Sequence[str], captions_per_key: Sequence[int], *, patch_size: int, max_words: int = 32,
                  use_seglabel: bool = False, superpixels: Optional[SuperpixelSource] = None, image_size: int = 224,
-                 patch_size: int = 16, superpixel_reduce: str = "mean", max_retries: int = 10):
+                 superpixel_reduce: str = "mean", max_retries: int = 10):
         counts = np.asarray(captions_per_key, dtype=np.int64)
         self.keys = _pack_keys(keys)
         # one sample per caption (COCO) or per image (CC3M): index arrays, not Python tuples (see _pack_keys)
@@ -76,10 +97,12 @@ class CaptionImageDataset(Dataset):
         if use_seglabel and superpixels is None:
             raise ValueError(f"{self.name}: use_seglabel needs a superpixel store")
         self.superpixels = superpixels
+        if use_seglabel and superpixels.missing == "error":
+            superpixels.require(self.keys)
         self.image_size, self.patch_size, self.reduce = image_size, patch_size, superpixel_reduce
         self.max_retries = max_retries
         self.transform = TrainTransform(image_size)
-        self.skipped = 0  # corrupt images replaced by the next sample, in this process
+        self.skipped = 0  # unusable images met by this process (log lines only; count epochs with item["skipped"])
 
     def __len__(self) -> int:
         return len(self.sample_key)
@@ -95,24 +118,24 @@ class CaptionImageDataset(Dataset):
         raise NotImplementedError
 
     def __getitem__(self, index: int) -> dict:
-        from modules.tokenization_clip import tokenize_captions
-        n = len(self)
+        n, i = len(self), index
         for attempt in range(self.max_retries + 1):
-            i = (index + attempt) % n
+            if attempt:  # a random replacement (this item's RNG), not the neighbour: no fixed duplicate every epoch
+                i = random.randrange(n)
             key = self.key(i)
             try:
                 data = self.image_bytes(key)
                 if data is None:
                     raise KeyError("image missing from the store")
                 img = decode_rgb(data)
-            except Exception as e:  # corrupt/missing image: move on to the next sample, never crash the run
+            except Exception as e:  # corrupt/missing image: replaced and counted, never the end of the run
                 self.skipped += 1
-                logger.warning("%s: skipping image '%s' (%s: %s); %d skipped in this worker", self.name, key,
-                               type(e).__name__, e, self.skipped)
+                logger.warning("%s: image '%s' unusable (%s: %s); replaced by a random sample (%d in this worker)",
+                               self.name, key, type(e).__name__, e, self.skipped)
                 continue
             image, box = self.transform(img)
             ids, mask = tokenize_captions([self.caption(key, int(self.sample_cap[i]))], max_words=self.max_words)
-            item = {"input_ids": ids[0], "attention_mask": mask[0], "image": image}
+            item = {"input_ids": ids[0], "attention_mask": mask[0], "image": image, "skipped": int(attempt > 0)}
             if self.use_seglabel:
                 labels = self.superpixels.labels(key, img)
                 if labels.shape != (img.height, img.width):  # superpixels of another store: the crop would be wrong
@@ -122,8 +145,8 @@ class CaptionImageDataset(Dataset):
                 item["superpixels"] = torch.from_numpy(
                     sp.patch_labels(labels, box, self.image_size, self.patch_size, self.reduce))
             return item
-        raise RuntimeError(f"{self.name}: {self.max_retries + 1} consecutive unreadable images from sample {index}; "
-                           "the store looks damaged (rerun preprocessing)")
+        raise stores.StoreError(f"{self.name}: sample {index} and {self.max_retries} random replacements are all "
+                                "unreadable; the store looks damaged (rerun preprocessing)")
 
 
 class StoreDataset(CaptionImageDataset):
@@ -224,8 +247,3 @@ def is_legacy_cc3m(root) -> bool:
 
 def is_legacy_coco(root) -> bool:
     return (Path(root) / "coco_train2014.pkl").is_file()
-
-
-def skipped_counts(datasets: List[CaptionImageDataset]) -> dict:
-    """{name: corrupt images skipped} for the datasets of this process (for logs at epoch end)."""
-    return {d.name: d.skipped for d in datasets}

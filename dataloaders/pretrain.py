@@ -11,12 +11,18 @@ from pathlib import Path
 
 from torch.utils.data import ConcatDataset
 
+from common.errors import SegCLIPError
 from dataloaders import datasets as D
 from dataloaders import stores
+from dataloaders.webdataset_stream import WebDatasetStream
 
 logger = logging.getLogger(__name__)
 
 DATATYPES = ("cc", "coco", "wds")
+
+
+class DataArgError(SegCLIPError, ValueError):
+    """The data flags do not describe a usable pretraining set (message names the flag and the fix)."""
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -46,15 +52,16 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--coco_superpixels", default=None,
                    help="superpixel LMDB for COCO (default: inside --coco_store under its standard name)")
     g.add_argument("--superpixel_reduce", default="mean", choices=["mean", "majority"],
-                   help="patch label of a 16x16 patch: 'mean' of superpixel ids truncated (2022 behaviour, default) "
+                   help="label of a patch: 'mean' of its superpixel ids truncated (2022 behaviour, default) "
                         "or 'majority' vote")
     g.add_argument("--superpixel_missing", default="compute", choices=["compute", "error"],
                    help="image without a stored superpixel map: 'compute' it on the fly (counted, logged) or "
                         "'error'. Default: compute")
     g.add_argument("--image_size", type=int, default=224,
-                   help="side of the square training crop in pixels, a multiple of the patch size 16 (superpixel "
-                        "patch labels then have image_size/16 rows). Build the CLIP with image_resolution equal to "
-                        "it to avoid resizing the position embedding. Default: 224 (the paper)")
+                   help="side of the square training crop in pixels, a multiple of the model's patch size (16 for "
+                        "ViT-B/16: superpixel patch labels then have image_size/16 rows). Build the CLIP with "
+                        "image_resolution equal to it to avoid resizing the position embedding. Default: 224 (the "
+                        "paper)")
     g.add_argument("--image_retries", type=int, default=10,
                    help="corrupt image in a store: try up to this many following samples before failing. Default: 10")
     g.add_argument("--wds_shards", default=None,
@@ -69,9 +76,9 @@ def _datatypes(spec: str):
     names = [n.strip() for n in str(spec).split(",") if n.strip()]  # 2022 style trailing comma ("cc,coco,") is fine
     bad = [n for n in names if n not in DATATYPES]
     if bad or not names:
-        raise ValueError(f"--datatype {spec!r}: unknown source(s) {bad}; use a comma list of {DATATYPES}")
+        raise DataArgError(f"--datatype {spec!r}: unknown source(s) {bad}; use a comma list of {DATATYPES}")
     if "wds" in names and len(names) > 1:
-        raise ValueError("--datatype wds streams shards and cannot be mixed with map-style stores; preprocess the "
+        raise DataArgError("--datatype wds streams shards and cannot be mixed with map-style stores; preprocess the "
                          "shards with preprocess/build_cc3m.py to combine them with coco")
     return names
 
@@ -89,18 +96,20 @@ def _legacy(args, root: Path, kind: str) -> bool:
     return False  # let the store reader raise its clear error
 
 
-def build_pretrain_dataset(args):
-    """-> Dataset (map-style, possibly a ConcatDataset) or WebDatasetStream for ``--datatype wds``."""
+def build_pretrain_dataset(args, patch_size: int):
+    """-> Dataset (map-style, possibly a ConcatDataset) or WebDatasetStream for ``--datatype wds``.
+
+    patch_size: the model's (``SegCLIP.patch_size``); superpixel labels are pooled on its patch grid."""
     names = _datatypes(getattr(args, "datatype", "cc,coco"))
     common = dict(max_words=args.max_words, use_seglabel=bool(getattr(args, "use_seglabel", False)),
                   superpixel_reduce=getattr(args, "superpixel_reduce", "mean"),
-                  image_size=int(getattr(args, "image_size", 224)))
-    if common["image_size"] < 16 or common["image_size"] % 16:
-        raise ValueError(f"--image_size {common['image_size']} must be a positive multiple of the patch size 16")
+                  image_size=int(getattr(args, "image_size", 224)), patch_size=int(patch_size))
+    if common["image_size"] < patch_size or common["image_size"] % patch_size:
+        raise DataArgError(f"--image_size {common['image_size']} must be a positive multiple of the model's patch "
+                           f"size {patch_size}")
     if names == ["wds"]:
-        from dataloaders.webdataset_stream import WebDatasetStream
         if not getattr(args, "wds_shards", None):
-            raise ValueError("--datatype wds needs --wds_shards (a folder of img2dataset .tar shards or a pattern)")
+            raise DataArgError("--datatype wds needs --wds_shards (a folder of img2dataset .tar shards or a pattern)")
         return WebDatasetStream(args.wds_shards, samples_per_epoch=getattr(args, "wds_samples_per_epoch", None),
                                 seed=getattr(args, "seed", 0), **common)
     common.update(max_retries=getattr(args, "image_retries", 10),
@@ -109,11 +118,11 @@ def build_pretrain_dataset(args):
     for name in names:
         root = getattr(args, f"{name}_store", None)
         if not root:
-            raise ValueError(f"--datatype includes '{name}' but --{name}_store is not set; point it at the folder "
+            raise DataArgError(f"--datatype includes '{name}' but --{name}_store is not set; point it at the folder "
                              f"written by preprocess/build_{'cc3m' if name == 'cc' else 'coco'}.py or drop '{name}'")
         root = Path(root)
         if not root.exists():
-            raise ValueError(f"--{name}_store {root} does not exist")
+            raise DataArgError(f"--{name}_store {root} does not exist")
         spx = getattr(args, f"{name}_superpixels", None)
         if _legacy(args, root, name):
             allow = bool(getattr(args, "allow_pickle", False))
@@ -127,7 +136,7 @@ def build_pretrain_dataset(args):
             ds = D.StoreDataset(root, superpixel_path=spx, **common)
             expected = "cc3m" if name == "cc" else "coco"
             if ds.info.get("source") != expected:
-                raise ValueError(f"--{name}_store {root} holds '{ds.info.get('source')}' data, not {expected}")
+                raise DataArgError(f"--{name}_store {root} holds '{ds.info.get('source')}' data, not {expected}")
         logger.info("pretraining source %s: %d samples from %s", ds.name, len(ds), root)
         parts.append(ds)
     return parts[0] if len(parts) == 1 else ConcatDataset(parts)

@@ -6,7 +6,8 @@ Our store is one folder::
         images    key (utf-8) -> encoded image bytes (JPEG, short side 224)
         captions  key (utf-8) -> utf-8 JSON list of captions (COCO ~5, CC3M 1)
         meta      b"info" -> utf-8 JSON {"format": "segclip-store", "version": 1, "source": ..., ...}
-                  b"done/<shard>" -> b"1" for every finished CC3M input shard (resume)
+                  b"done/<fingerprint>" -> b"1" for every finished CC3M input shard (resume; see
+                  build_stores.shard_fingerprint)
     STORE/superpixels_scale224_sigma9.0_min_size224.lmdb   key -> zlib(.npy) label map (dataloaders.superpixels)
 
 Every value is plain bytes/JSON/NumPy: reading a store never unpickles anything. Images and captions of one sample
@@ -25,7 +26,7 @@ import os
 import pickle
 import warnings
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import lmdb
 
@@ -66,20 +67,16 @@ def shared_read_env(path, max_dbs: int = 3) -> lmdb.Environment:
     """One read-only environment per path and process (LMDB refuses to open the same path twice in a process)."""
     global _READ_PID
     if _READ_PID != os.getpid():  # forked child: the parent's handles must not be used
+        for env in _READ_ENVS.values():
+            # Close the inherited copies (this process's mappings only): while a LazyLmdb still references one,
+            # LMDB refuses to open the same path again ("already open in this process").
+            env.close()
         _READ_ENVS.clear()
         _READ_PID = os.getpid()
     key = str(Path(path).resolve())
     if key not in _READ_ENVS:
         _READ_ENVS[key] = open_env(path, readonly=True, max_dbs=max_dbs)
     return _READ_ENVS[key]
-
-
-def close_shared_envs():
-    """Close this process's cached read environments (before a writer reopens the same path, e.g. in tests)."""
-    if _READ_PID == os.getpid():
-        for env in _READ_ENVS.values():
-            env.close()
-    _READ_ENVS.clear()
 
 
 def drop_shared_env(path):
@@ -117,6 +114,17 @@ class LazyLmdb:
         env, db = self._table()
         with env.begin(db=db) as txn:
             return txn.get(key.encode("utf-8"))
+
+    def count_missing(self, keys: Iterable[bytes]) -> Tuple[int, Optional[str]]:
+        """(how many of ``keys`` have no entry, the first of them) in one read transaction."""
+        env, db = self._table()
+        missing, first = 0, None
+        with env.begin(db=db) as txn:
+            for k in keys:
+                if txn.get(bytes(k)) is None:
+                    missing += 1
+                    first = first or bytes(k).decode("utf-8", errors="replace")
+        return missing, first
 
     def keys(self) -> Iterator[str]:
         """Keys in LMDB (byte) order, streamed."""

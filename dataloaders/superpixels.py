@@ -1,6 +1,7 @@
 """Felzenszwalb superpixels and their pooling onto the ViT patch grid of a training crop (design.md §6).
 
-The superpixel-consistency loss needs, for every 16×16 patch of a 224×224 training crop, one superpixel label.
+The superpixel-consistency loss needs, for every patch of a training crop (16×16 patches of a 224×224 crop for
+ViT-B/16), one superpixel label.
 Superpixels are computed once per stored (short side 224) image; at load time the label map is cut with the
 random crop's box, resized to the crop size and pooled per patch.
 
@@ -96,7 +97,7 @@ def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
     return out
 
 
-def patch_labels(labels: np.ndarray, box: Sequence[float], img_size: int = 224, patch_size: int = 16,
+def patch_labels(labels: np.ndarray, box: Sequence[float], img_size: int, patch_size: int,
                  reduce: str = "mean") -> np.ndarray:
     """[h, w] superpixel ids + crop box -> [img_size/patch_size]² int64 patch labels (design.md §6).
 

@@ -1,140 +1,206 @@
-"""Train straight from img2dataset webdataset shards, no LMDB: an IterableDataset with rank/worker splitting.
+"""Train straight from img2dataset webdataset shards, no LMDB: an IterableDataset with exact epochs (docs/data.md §2).
 
-The shard order is reshuffled every epoch (same permutation on every rank and worker). With at least as many shards
-as (rank, worker) slots, each slot reads its own shards (``order[slot::slots]``); with fewer, every slot reads all
-shards and keeps its share of the sample index, so each sample is used exactly once per epoch. An epoch is a fixed
-number of samples per rank (``samples_per_epoch // world_size``; a slot whose shards run short cycles over them, one
-with more stops early) so that all DDP ranks run the same number of steps and never deadlock. With shard splitting,
-exact once-per-epoch coverage needs equal shard sizes (img2dataset's are, but for failures); otherwise a few samples
-repeat or wait for the next epoch. Images get the same store-time resize as the LMDB
-path, then the train transform; superpixels (``use_seglabel``) are computed on the fly (~50 ms per image).
+The epoch plan, the same in every rank and loader worker (``EpochPlan``):
+
+1. The shards are permuted, seeded by (seed, epoch); in that order they form one sequence of N samples, each
+   addressed by its position (shard sizes from img2dataset's ``*_stats.json``, else counted once).
+2. The epoch uses S = W * floor(min(N, samples_per_epoch) / W) positions, W = world size: rank r takes the
+   contiguous range of q = S / W positions starting at r * q. Every used sample is read exactly once; the
+   N mod W (< W) samples that cannot be split evenly are the last of the permuted order, so a different few each
+   epoch (all ranks must run batches of one size, which the loss's all-gather needs).
+3. With batch size B (``set_batch_size``), a rank's q samples make T = ceil(q / B) batches, all of B samples but
+   the last. Loader worker w takes a contiguous run of whole batches (T split as evenly as possible), so each
+   worker's own batching gives exactly those batches and ``DataLoader(ds, batch_size=B, drop_last=False)`` yields
+   T batches on every rank: ranks never disagree on the step count.
+
+A sample that cannot be used (undecodable image, no image or no caption, a shard shorter than its stats file says)
+is replaced by a random one of the last good samples of the same worker, so the batch layout stays as planned; the
+replacement carries ``skipped = 1`` (see dataloaders.datasets for the item contract). Augmentation is drawn from
+an RNG seeded by (seed, epoch, position): independent of world size and worker count. Images get the same
+store-time resize as the LMDB path, then the train transform; superpixels (``use_seglabel``) are computed on the fly
+(~50 ms per image).
 """
-import json
+import collections
 import logging
+import math
 import random
-from pathlib import Path
-from typing import List, Optional
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from common.ranks import rank_and_world
-from dataloaders.build_stores import iter_tar_samples, list_shards, sample_caption, sample_image
-from dataloaders.imageio import decode_rgb, resize_short_side
-from dataloaders.transforms import TrainTransform
 from dataloaders import superpixels as sp
+from dataloaders.imageio import decode_rgb, resize_short_side
+from dataloaders.shards import iter_tar_samples, list_shards, sample_caption, sample_image, shard_sample_counts
+from dataloaders.stores import StoreError
+from dataloaders.transforms import TrainTransform
+from modules.tokenization_clip import tokenize_captions
 
 logger = logging.getLogger(__name__)
 
+# Good raw samples a worker keeps to draw replacements for unusable ones from (~40 kB each).
+REPLACEMENT_POOL = 16
 
-def count_samples(shards: List[Path]) -> int:
-    """Samples in img2dataset shards: the ``NNNNN_stats.json`` 'successes' when present, else a scan of the tars."""
-    total = 0
-    for shard in shards:
-        stats = shard.with_name(shard.stem + "_stats.json")
-        if stats.is_file():
-            try:
-                total += int(json.loads(stats.read_text())["successes"])
-                continue
-            except (ValueError, KeyError):
-                pass
-        total += sum(1 for s in iter_tar_samples(shard) if sample_image(s) is not None)
-    return total
+
+def split_evenly(total: int, parts: int) -> List[int]:
+    """Boundaries [b_0 = 0, ..., b_parts = total] of ``parts`` contiguous runs whose sizes differ by at most one."""
+    return [p * (total // parts) + min(p, total % parts) for p in range(parts + 1)]
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Which positions every (rank, worker) slot reads in one epoch (module docstring, rules 1-3)."""
+
+    order: Tuple[int, ...]     # shard indices in this epoch's order
+    counts: Tuple[int, ...]    # samples of each shard (indexed like the shard list, not like ``order``)
+    per_rank: int              # q: samples of every rank
+    batch_size: int            # B
+
+    @classmethod
+    def make(cls, counts: Sequence[int], samples: int, world: int, batch_size: int, seed: int, epoch: int):
+        order = list(range(len(counts)))
+        random.Random(f"shard-order/{seed}/{epoch}").shuffle(order)  # str seed: stable across processes
+        return cls(tuple(order), tuple(counts), samples // world, batch_size)
+
+    @property
+    def batches(self) -> int:
+        """T: batches of every rank."""
+        return math.ceil(self.per_rank / self.batch_size)
+
+    def slot_range(self, rank: int, worker: int, num_workers: int) -> Tuple[int, int]:
+        """[lo, hi) of epoch positions read by loader worker ``worker`` of rank ``rank``: whole batches."""
+        b = split_evenly(self.batches, num_workers)
+        lo = rank * self.per_rank + min(b[worker] * self.batch_size, self.per_rank)
+        hi = rank * self.per_rank + min(b[worker + 1] * self.batch_size, self.per_rank)
+        return lo, hi
+
+    def pieces(self, lo: int, hi: int) -> Iterator[Tuple[int, int, int, int]]:
+        """(shard index, first, stop, epoch position of ``first``) covering epoch positions [lo, hi)."""
+        offset = 0
+        for shard in self.order:
+            n = self.counts[shard]
+            a, b = max(lo, offset), min(hi, offset + n)
+            if a < b:
+                yield shard, a - offset, b - offset, a
+            offset += n
+            if offset >= hi:
+                return
 
 
 class WebDatasetStream(IterableDataset):
-    """Streaming pretraining samples (same item dict as the map-style datasets) from webdataset shards."""
+    """Streaming pretraining samples (same item dict as the map-style datasets) from webdataset shards.
+
+    patch_size: the model's (``SegCLIP.patch_size``): superpixel labels are pooled on its grid."""
 
     name = "wds"
 
-    def __init__(self, shards, max_words: int = 32, use_seglabel: bool = False, samples_per_epoch: Optional[int] = None,
-                 image_size: int = 224, patch_size: int = 16, superpixel_reduce: str = "mean", seed: int = 0):
+    def __init__(self, shards, *, patch_size: int, max_words: int = 32, use_seglabel: bool = False,
+                 samples_per_epoch: Optional[int] = None, image_size: int = 224, superpixel_reduce: str = "mean",
+                 seed: int = 0):
         self.shards = list_shards(shards)
-        self.samples_per_epoch = samples_per_epoch or count_samples(self.shards)
-        if self.samples_per_epoch <= 0:
-            raise ValueError(f"no samples found in {len(self.shards)} shard(s); check --wds_shards")
+        self.counts = shard_sample_counts(self.shards)
+        total = sum(self.counts)
+        if total <= 0:
+            raise StoreError(f"no samples found in {len(self.shards)} shard(s); check --wds_shards")
+        if samples_per_epoch is not None and not 0 < samples_per_epoch <= total:
+            raise StoreError(f"--wds_samples_per_epoch {samples_per_epoch}: the shards hold {total} samples; give at "
+                             f"most that many (an epoch reads each sample at most once)")
+        self.samples_per_epoch = samples_per_epoch or total
         self.max_words, self.use_seglabel = max_words, use_seglabel
         self.image_size, self.patch_size, self.reduce = image_size, patch_size, superpixel_reduce
-        self.seed, self.epoch = seed, None
+        self.seed, self.epoch, self.batch_size = seed, None, 1
         self.transform = TrainTransform(image_size)
-        self._rng = random.Random(seed)
-        self.skipped = 0
 
     def set_epoch(self, epoch: int):
         """Reshuffle shard order for this epoch (call before iterating, like DistributedSampler.set_epoch)."""
         self.epoch = epoch
 
+    def set_batch_size(self, batch_size: int) -> int:
+        """Plan epochs in batches of ``batch_size`` (the DataLoader's, per rank; before iterating).
+
+        Returns the exact number of batches ``DataLoader(self, batch_size=batch_size, drop_last=False)`` yields per
+        epoch on every rank, for any number of workers (world size read now: call after the process group is up)."""
+        if batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        return self.plan(0).batches
+
     def __len__(self) -> int:
         """Samples per rank per epoch (world size read now: call after the process group is initialised)."""
         return self.samples_per_epoch // rank_and_world()[1]
 
-    def _slot_samples(self, order: List[Path], rank: int, world: int, wid: int, nw: int, per_rank: int):
-        """One pass over the raw samples of this (rank, worker) slot, for a shard order shared by all slots."""
-        slots, slot = world * nw, rank * nw + wid
-        if len(order) >= slots:  # enough shards: each slot reads its own
-            for shard in order[slot::slots]:
-                yield from iter_tar_samples(shard)
-            return
-        # Few shards: every slot reads them all and keeps its share of the global sample index i: rank i % world,
-        # then worker (i // world) % nw, up to per_rank samples a rank -> each sample exactly once per epoch.
-        i = 0
-        for shard in order:
-            for s in iter_tar_samples(shard):
-                j = i // world
-                if j >= per_rank:
-                    return
-                if i % world == rank and j % nw == wid:
-                    yield s
-                i += 1
+    def plan(self, epoch: int) -> EpochPlan:
+        world = rank_and_world()[1]
+        if self.samples_per_epoch < world:
+            raise StoreError(f"{self.samples_per_epoch} samples per epoch cannot be split over {world} processes")
+        return EpochPlan.make(self.counts, self.samples_per_epoch, world, self.batch_size, self.seed, epoch)
 
-    def _item(self, s: dict) -> Optional[dict]:
-        from modules.tokenization_clip import tokenize_captions
+    def _item(self, s: dict, rng: random.Random) -> Optional[dict]:
+        """A training item from a raw sample, or None when the sample is unusable."""
         data, cap = sample_image(s), sample_caption(s)
         if data is None or cap is None:
+            logger.warning("wds: sample '%s' has no %s; replaced", s.get("__key__"), "image" if data is None
+                           else "caption")
             return None
         try:
             img = resize_short_side(decode_rgb(data))
-        except Exception as e:
-            logger.warning("wds: skipping sample '%s' (%s: %s)", s.get("__key__"), type(e).__name__, e)
+        except Exception as e:  # any undecodable image: replaced and counted, never the end of a multi-day run
+            logger.warning("wds: sample '%s' unreadable (%s: %s); replaced", s.get("__key__"), type(e).__name__, e)
             return None
-        image, box = self.transform(img, self._rng)
+        image, box = self.transform(img, rng)
         ids, mask = tokenize_captions([cap], max_words=self.max_words)
-        item = {"input_ids": ids[0], "attention_mask": mask[0], "image": image}
+        item = {"input_ids": ids[0], "attention_mask": mask[0], "image": image, "skipped": 0}
         if self.use_seglabel:
             labels = sp.felzenszwalb(np.asarray(img)).astype(np.int64)
             item["superpixels"] = torch.from_numpy(sp.patch_labels(labels, box, self.image_size, self.patch_size,
                                                                    self.reduce))
         return item
 
+    def _raw_samples(self, plan: EpochPlan, lo: int, hi: int) -> Iterator[Tuple[int, Optional[dict]]]:
+        """(epoch position, raw sample or None where the shard ended early) for every position in [lo, hi)."""
+        for shard, first, stop, pos in plan.pieces(lo, hi):
+            got = 0
+            for s in iter_tar_samples(self.shards[shard], first, stop):
+                yield pos + got, s
+                got += 1
+            if got < stop - first:
+                logger.warning("wds: shard %s holds fewer samples than the %d its stats file says; %d replaced",
+                               self.shards[shard], plan.counts[shard], stop - first - got)
+            for p in range(pos + got, pos + stop - first):
+                yield p, None
+
     def __iter__(self):
-        rank, world = rank_and_world()
+        rank, _ = rank_and_world()
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         if self.epoch is None:
             self.epoch = 0
         epoch = self.epoch
         self.epoch += 1  # without set_epoch, each new iteration (epoch) still gets a new order
-        per_rank = self.samples_per_epoch // world
-        quota = per_rank // nw + (1 if wid < per_rank % nw else 0)
-        # Shard order: same permutation in every slot (so the split stays a partition), new every epoch.
-        order = list(self.shards)
-        random.Random(self.seed * 1000003 + epoch).shuffle(order)
-        # Own RNG per slot and epoch for the crops: distinct across workers/ranks, and the global state is untouched.
-        self._rng = random.Random(self.seed * 7919 + epoch * 104729 + rank * 1009 + wid)
-        made = 0
-        while made < quota:  # a slot whose shards run short (corrupt samples, uneven shards) cycles to fill its quota
-            got = 0
-            for s in self._slot_samples(order, rank, world, wid, nw, per_rank):
-                got += 1
-                item = self._item(s)
-                if item is None:
-                    self.skipped += 1
-                    continue
-                made += 1
+        plan = self.plan(epoch)
+        lo, hi = plan.slot_range(rank, wid, nw)
+        pool = collections.deque(maxlen=REPLACEMENT_POOL)  # recent good raw samples
+        owed = []  # positions still waiting for a replacement (nothing good seen yet in this worker)
+        for pos, s in self._raw_samples(plan, lo, hi):
+            rng = random.Random(f"augment/{self.seed}/{epoch}/{pos}")
+            item = self._item(s, rng) if s is not None else None
+            if item is None:
+                owed.append(pos)
+            else:
+                pool.append(s)
                 yield item
-                if made >= quota:
-                    return
-            if got == 0 or made == 0:
-                raise RuntimeError(f"rank {rank} worker {wid}: no usable samples in its shards ({len(order)} shards "
-                                   f"for {world * nw} rank x worker slots)")
+            while owed and pool:
+                yield self._replacement(pool, owed.pop(0), epoch)
+        if owed:
+            raise StoreError(f"rank {rank} worker {wid}: none of the {hi - lo} samples at epoch positions "
+                             f"{lo}..{hi - 1} is usable; check the shards (corrupt download?)")
+
+    def _replacement(self, pool, pos: int, epoch: int) -> dict:
+        """Item standing for the unusable sample at ``pos``: a random recent good sample, flagged ``skipped``."""
+        rng = random.Random(f"replace/{self.seed}/{epoch}/{pos}")
+        item = self._item(pool[rng.randrange(len(pool))], rng)
+        item["skipped"] = 1
+        return item

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from common.errors import SegCLIPError
+from dataloaders.workers import init_loader_worker, set_main_process_threads
 
 from .distributed import DistEnv
 
@@ -102,6 +103,12 @@ def ignore_stop_signals_in_worker(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def init_train_worker(worker_id: int) -> None:
+    """``worker_init_fn`` of the training loaders: stop signals ignored, one CPU thread (dataloaders.workers)."""
+    ignore_stop_signals_in_worker(worker_id)
+    init_loader_worker(worker_id)
+
+
 @dataclass
 class TrainData:
     """The loader of one rank and the epoch layout: ``micro_per_epoch`` micro-batches = ``steps_per_epoch``
@@ -136,15 +143,20 @@ def build_train_data(dataset, local_batch: int, env: DistEnv, *, seed: int, accu
     """DataLoader + epoch layout for a map-style dataset (seeded, sharded by GlobalBatchSampler) or an
     IterableDataset that shards itself across ranks (``len()`` = samples per rank, or ``steps_per_epoch``)."""
     loader_gen = torch.Generator().manual_seed(seed)   # keeps DataLoader from drawing on the global RNG
+    set_main_process_threads(num_workers)              # the cores the loader workers leave free
     common = dict(batch_size=local_batch, num_workers=num_workers, drop_last=True, generator=loader_gen,
                   pin_memory=pin_memory and env.device.type == "cuda",
-                  worker_init_fn=ignore_stop_signals_in_worker if num_workers > 0 else None)
+                  worker_init_fn=init_train_worker if num_workers > 0 else None)
     if isinstance(dataset, IterableDataset):
         sampler, seeded = None, None
-        try:
-            micro_per_epoch = len(dataset) // local_batch
-        except TypeError:
-            micro_per_epoch = steps_per_epoch * accum
+        if hasattr(dataset, "set_batch_size"):   # dataloaders.webdataset_stream: the exact count, whole batches
+            micro_per_epoch = dataset.set_batch_size(local_batch)   # per worker, so no partial batch is dropped
+            common["drop_last"] = False
+        else:
+            try:
+                micro_per_epoch = len(dataset) // local_batch
+            except TypeError:
+                micro_per_epoch = steps_per_epoch * accum
         if micro_per_epoch <= 0:
             raise DataLayoutError("the streaming dataset has no length: set --steps_per_epoch")
         loader = DataLoader(dataset, **common)

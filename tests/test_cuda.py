@@ -144,7 +144,7 @@ def _predictions(model, root, device, **kw):
 
 def test_evaluation_on_cuda_equals_the_cpu_prediction(reference, tmp_path):
     from modules.modeling import SegCLIP
-    from seg_segmentation.synthetic import write_fake_dataset
+    from tests.helpers import write_fake_dataset
     root = write_fake_dataset('voc', tmp_path / 'VOC2012', num_images=6, size=(200, 150), seed=7)
     model = SegCLIP.from_state_dict(reference['segclip_state_dict']).eval()
     cpu, cpu_preds = _predictions(model, root, 'cpu')
@@ -160,7 +160,7 @@ def test_evaluation_on_cuda_equals_the_cpu_prediction(reference, tmp_path):
 def test_evaluation_loader_pins_its_batches(reference, tmp_path):
     from seg_segmentation.datasets import ZeroShotSegDataset
     from seg_segmentation.evaluate import EvalConfig, make_loader
-    from seg_segmentation.synthetic import write_fake_dataset
+    from tests.helpers import write_fake_dataset
     root = write_fake_dataset('voc', tmp_path / 'VOC2012', num_images=2, size=(120, 90), seed=8)
     shard = ZeroShotSegDataset('voc', str(root), resolution=112)
     (sample,) = next(iter(make_loader(shard, EvalConfig(num_workers=1), CUDA)))
@@ -170,7 +170,7 @@ def test_evaluation_loader_pins_its_batches(reference, tmp_path):
 
 
 def test_torchrun_nccl_evaluation_equals_one_process(tmp_path, repo_root, tiny_checkpoint):
-    from seg_segmentation.synthetic import write_fake_dataset
+    from tests.helpers import write_fake_dataset
     root = write_fake_dataset('voc', tmp_path / 'VOC2012', num_images=3, size=(160, 120), seed=9)
     common = ['--dataset', 'voc', '--data_root', root, '--init_model', tiny_checkpoint, '--num_workers', '0',
               '--no_progress', '--device', 'cuda'] + SMALL

@@ -17,9 +17,11 @@ from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 
 from dataloaders import stores
 from dataloaders.datasets import StoreDataset
+from dataloaders.imageio import encode_for_store
 from dataloaders.pretrain import add_data_args, build_pretrain_dataset
-from dataloaders.testing import (caption_for, cc_caption_for, data_arg_defaults, make_tiny_coco, random_image, write_cc3m_shards,
-                                 write_legacy_cc3m, write_legacy_coco)
+from tests.helpers import (PATCH_SIZE, caption_for, cc_caption_for, data_arg_defaults, jpeg_bytes, make_tiny_coco,
+                           random_image, write_cc3m_shards, write_legacy_cc3m, write_legacy_coco, write_legacy_superpixels)
+from dataloaders.webdataset_stream import EpochPlan, WebDatasetStream
 from dataloaders.transforms import CLIP_MEAN, CLIP_STD, RandomResizedCropBox, TrainTransform
 from dataloaders import superpixels as sp
 from modules.tokenization_clip import tokenize_captions
@@ -57,43 +59,44 @@ def test_add_data_args_leaves_training_flags_alone():
 
 
 def test_item_contract_and_captions(tiny):
-    ds = build_pretrain_dataset(ns(**tiny["args"], max_words=12, use_seglabel=True))
+    ds = build_pretrain_dataset(ns(**tiny["args"], max_words=12, use_seglabel=True), PATCH_SIZE)
     assert len(ds) == tiny["n_samples"] == 8
     expected = {tuple(tokenize_captions([caption_for(i, j)], 12)[0][0].tolist()) for i in range(4) for j in range(2)}
     items = [ds[i] for i in range(len(ds))]
     assert {ids_key(it) for it in items} == expected  # one sample per caption
     it = items[0]
-    assert set(it) == {"input_ids", "attention_mask", "image", "superpixels"}
+    assert set(it) == {"input_ids", "attention_mask", "image", "superpixels", "skipped"}
+    assert all(x["skipped"] == 0 for x in items)
     assert it["input_ids"].dtype == torch.long and it["input_ids"].shape == (12,)
     assert it["attention_mask"].tolist() == (it["input_ids"] != 0).long().tolist()
     assert it["image"].dtype == torch.float32 and it["image"].shape == (3, 224, 224)
     assert it["superpixels"].dtype == torch.long and it["superpixels"].shape == (14, 14)
-    assert "superpixels" not in build_pretrain_dataset(ns(**tiny["args"]))[0]
+    assert "superpixels" not in build_pretrain_dataset(ns(**tiny["args"]), PATCH_SIZE)[0]
 
 
 def test_concatenation_cc_coco(tiny, cc_store):
-    ds = build_pretrain_dataset(ns(**{**tiny["args"], "datatype": "cc,coco,", "cc_store": str(cc_store)}))
+    ds = build_pretrain_dataset(ns(**{**tiny["args"], "datatype": "cc,coco,", "cc_store": str(cc_store)}), PATCH_SIZE)
     assert isinstance(ds, ConcatDataset) and len(ds) == 6 + 8
     got = {ids_key(ds[i]) for i in range(len(ds))}
     cc_caps = {tuple(tokenize_captions([cc_caption_for(n)], 32)[0][0].tolist()) for n in range(6)}
     assert cc_caps <= got and len(got) == 14
     with pytest.raises(ValueError, match="holds 'cc3m' data"):
-        build_pretrain_dataset(ns(**{**tiny["args"], "coco_store": str(cc_store)}))
+        build_pretrain_dataset(ns(**{**tiny["args"], "coco_store": str(cc_store)}), PATCH_SIZE)
 
 
 def test_bad_configuration_is_a_clear_error(tiny, tmp_path):
     with pytest.raises(ValueError, match="--cc_store is not set"):
-        build_pretrain_dataset(ns(datatype="cc,coco", coco_store=tiny["store"]))
+        build_pretrain_dataset(ns(datatype="cc,coco", coco_store=tiny["store"]), PATCH_SIZE)
     with pytest.raises(ValueError, match="does not exist"):
-        build_pretrain_dataset(ns(datatype="coco", coco_store=str(tmp_path / "missing")))
+        build_pretrain_dataset(ns(datatype="coco", coco_store=str(tmp_path / "missing")), PATCH_SIZE)
     with pytest.raises(ValueError, match="not a store written by preprocess"):
-        build_pretrain_dataset(ns(datatype="coco", coco_store=str(tmp_path)))
+        build_pretrain_dataset(ns(datatype="coco", coco_store=str(tmp_path)), PATCH_SIZE)
     with pytest.raises(ValueError, match="unknown source"):
-        build_pretrain_dataset(ns(datatype="laion"))
+        build_pretrain_dataset(ns(datatype="laion"), PATCH_SIZE)
     with pytest.raises(ValueError, match="cannot be mixed"):
-        build_pretrain_dataset(ns(datatype="wds,coco"))
+        build_pretrain_dataset(ns(datatype="wds,coco"), PATCH_SIZE)
     with pytest.raises(ValueError, match="superpixel store .* not found"):
-        build_pretrain_dataset(ns(**{**tiny["args"], "coco_superpixels": str(tmp_path / "nope")}, use_seglabel=True))
+        build_pretrain_dataset(ns(**{**tiny["args"], "coco_superpixels": str(tmp_path / "nope")}, use_seglabel=True), PATCH_SIZE)
 
 
 def test_legacy_2022_formats(tmp_path):
@@ -101,10 +104,10 @@ def test_legacy_2022_formats(tmp_path):
     coco = write_legacy_coco(tmp_path / "coco", n_images=3, captions_per_image=2)
     args = ns(datatype="cc,coco", cc_store=cc["root"], coco_store=coco["root"], use_seglabel=True)
     with pytest.raises(ValueError, match="--allow_pickle"):
-        build_pretrain_dataset(args)
+        build_pretrain_dataset(args, PATCH_SIZE)
     args.allow_pickle = True
     with pytest.warns(UserWarning, match="unpickling"):
-        ds = build_pretrain_dataset(args)
+        ds = build_pretrain_dataset(args, PATCH_SIZE)
     assert len(ds) == 3 + 3 * 2
     got = {ids_key(ds[i]) for i in range(len(ds))}
     for cap in list(cc["captions"].values()) + [caption_for(i, j) for i in range(3) for j in range(2)]:
@@ -126,34 +129,52 @@ def _store_with(tmp_path, values):
     return tmp_path / "s"
 
 
-def test_corrupt_image_skips_to_next_sample_and_is_counted(tmp_path, caplog):
-    from dataloaders.imageio import encode_for_store
-    good = encode_for_store(__import__("dataloaders.testing", fromlist=["jpeg_bytes"]).jpeg_bytes(
-        random_image(np.random.default_rng(0))))[0]
-    store = _store_with(tmp_path, {"a": (good, ["first"]), "b": (b"broken", ["second"]), "c": (good, ["third"])})
-    ds = StoreDataset(store, max_words=8)
-    assert ids_key(ds[1]) == tuple(tokenize_captions(["third"], 8)[0][0].tolist())
-    assert ds.skipped == 1 and "skipping image 'b'" in caplog.text
-    bad = _store_with(tmp_path / "x", {k: (b"broken", ["c"]) for k in "abc"})
-    with pytest.raises(RuntimeError, match="damaged"):
-        StoreDataset(bad, max_words=8, max_retries=5)[0]
+def test_corrupt_image_is_replaced_at_random_and_counted(tmp_path, caplog):
+    """A corrupt image's item is a random other sample (a different one from epoch to epoch, not always the
+    neighbour) flagged skipped = 1; the per-epoch sum of batch['skipped'] counts it with any number of workers."""
+    from engine.training import SeededDataset
+    good = encode_for_store(jpeg_bytes(random_image(np.random.default_rng(0))))[0]
+    names = ["first", "second", "third", "fourth", "fifth"]
+    store = _store_with(tmp_path, {k: (b"broken" if k == "b" else good, [c]) for k, c in zip("abcde", names)})
+    ds = StoreDataset(store, max_words=8, patch_size=PATCH_SIZE)
+    bad = ds.sample_key.tolist().index(ds.keys.tolist().index(b"b"))
+    caption_of = {tuple(tokenize_captions([c], 8)[0][0].tolist()): c for c in names}
+    seeded = SeededDataset(ds, seed=0)
+    replacements = set()
+    for epoch in range(6):
+        seeded.set_epoch(epoch)
+        item = seeded[bad]
+        assert item["skipped"] == 1 and caption_of[ids_key(item)] != "second"
+        replacements.add(caption_of[ids_key(item)])
+    assert len(replacements) > 1 and "image 'b' unusable" in caplog.text
+    for workers in (0, 2):  # the count reaches the training loop through the batches
+        seeded.set_epoch(0)
+        loader = DataLoader(seeded, batch_size=2, num_workers=workers)
+        assert sum(int(b["skipped"].sum()) for b in loader) == 1
+    damaged = _store_with(tmp_path / "x", {k: (b"broken", ["c"]) for k in "abc"})
+    with pytest.raises(stores.StoreError, match="damaged"):
+        StoreDataset(damaged, max_words=8, max_retries=5, patch_size=PATCH_SIZE)[0]
 
 
 def test_missing_superpixel_entry(tiny, tmp_path):
     from dataloaders.build_stores import build_superpixel_store
     partial = tmp_path / "partial.lmdb"
     build_superpixel_store(tiny["store"], partial, max_samples=1, progress=False)  # only the first image
-    ds = StoreDataset(tiny["store"], max_words=8, use_seglabel=True, superpixel_path=partial)
+    ds = StoreDataset(tiny["store"], max_words=8, patch_size=PATCH_SIZE, use_seglabel=True, superpixel_path=partial)
     random.seed(0)
     item = ds[7]  # last image: not in the partial store -> computed on the fly, counted
     assert ds.superpixels.computed == 1 and item["superpixels"].shape == (14, 14)
-    full = StoreDataset(tiny["store"], max_words=8, use_seglabel=True)
+    full = StoreDataset(tiny["store"], max_words=8, patch_size=PATCH_SIZE, use_seglabel=True)
     random.seed(0)
     assert torch.equal(full[7]["superpixels"], item["superpixels"]) and full.superpixels.computed == 0
-    strict = StoreDataset(tiny["store"], max_words=8, use_seglabel=True, superpixel_path=partial,
-                          superpixel_missing="error")
-    with pytest.raises(KeyError, match="COCO_train2014_000000000003.jpg"):
-        strict[7]
+    # --superpixel_missing error: refused when the dataset is built (one line naming the count and the fix),
+    # not a KeyError inside a loader worker hours later
+    with pytest.raises(stores.StoreError) as e:
+        StoreDataset(tiny["store"], max_words=8, patch_size=PATCH_SIZE, use_seglabel=True, superpixel_path=partial,
+                     superpixel_missing="error")
+    msg = str(e.value)
+    assert "\n" not in msg and "lacks 3 of 4 images" in msg and "build_superpixels.py" in msg
+    StoreDataset(tiny["store"], max_words=8, patch_size=PATCH_SIZE, use_seglabel=True, superpixel_missing="error")
 
 
 def test_random_resized_crop_box_formula():
@@ -178,7 +199,7 @@ def test_clip_normalisation():
 
 
 def test_dataloader_two_workers_two_ranks_cover_every_sample_once(tiny):
-    ds = build_pretrain_dataset(ns(**tiny["args"], use_seglabel=True))
+    ds = build_pretrain_dataset(ns(**tiny["args"], use_seglabel=True), PATCH_SIZE)
     for epoch in range(2):
         seen = []
         for rank in range(2):
@@ -198,26 +219,35 @@ WDS_RANK_SCRIPT = textwrap.dedent("""
     from dataloaders.webdataset_stream import WebDatasetStream
     dist.init_process_group("gloo")
     out = {}
-    for shards in ("four", "two"):
-        ds = WebDatasetStream(os.path.join(sys.argv[2], shards), max_words=16, use_seglabel=(shards == "two"))
-        for epoch in range(2 if shards == "four" else 1):
-            ds.set_epoch(epoch)
-            loader = DataLoader(ds, batch_size=2, num_workers=2)
-            out[f"{shards}/{epoch}"] = [r.tolist() for b in loader for r in b["input_ids"]]
-            out[f"{shards}/len"] = [len(ds), len(loader)]
-    with open(os.path.join(sys.argv[3], f"rank{dist.get_rank()}.json"), "w") as f:
+    ds = WebDatasetStream(sys.argv[1], patch_size=16, max_words=16, use_seglabel=True, image_size=64)
+    out["batches"] = ds.set_batch_size(3)
+    for epoch in range(2):
+        ds.set_epoch(epoch)
+        loader = DataLoader(ds, batch_size=3, num_workers=2, drop_last=False)
+        batches = list(loader)
+        out[f"{epoch}/sizes"] = [len(b["input_ids"]) for b in batches]
+        out[f"{epoch}/ids"] = [r.tolist() for b in batches for r in b["input_ids"]]
+        out[f"{epoch}/skipped"] = sum(int(b["skipped"].sum()) for b in batches)
+        out["len"] = [len(ds), len(loader)]
+    with open(os.path.join(sys.argv[2], f"rank{dist.get_rank()}.json"), "w") as f:
         json.dump(out, f)
     dist.destroy_process_group()
 """)
 
 
-def test_webdataset_stream_splits_over_ranks_and_workers(tmp_path, repo_root):
-    write_cc3m_shards(tmp_path / "shards" / "four", n_shards=4, per_shard=3, seed=5)  # 4 shards = 2 ranks x 2 workers
-    write_cc3m_shards(tmp_path / "shards" / "two", n_shards=2, per_shard=5, seed=6)   # fewer shards than slots
+def caption_ids(n: int, max_words: int = 16) -> set:
+    """Token ids of the captions of samples 0..n-1 written by write_cc3m_shards (each names its sample)."""
+    return {tuple(tokenize_captions([cc_caption_for(i)], max_words)[0][0].tolist()) for i in range(n)}
+
+
+def test_webdataset_stream_exact_epochs_torchrun(tmp_path):
+    """5 equal shards x 4 samples on 2 ranks x 2 workers (torchrun, gloo): every sample exactly once per epoch,
+    the same number of batches on both ranks, equal to set_batch_size's count (20/2 = 10 a rank = 3+3+3+1)."""
+    write_cc3m_shards(tmp_path / "shards", n_shards=5, per_shard=4, seed=5)
     (tmp_path / "script.py").write_text(WDS_RANK_SCRIPT)
     # own session so that a hang kills the whole launcher + ranks group, leaving no orphans behind
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(tmp_path / "script.py"), str(repo_root), str(tmp_path / "shards"), str(tmp_path)],
+                             str(tmp_path / "script.py"), str(tmp_path / "shards"), str(tmp_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         _, err = proc.communicate(timeout=240)
@@ -227,23 +257,128 @@ def test_webdataset_stream_splits_over_ranks_and_workers(tmp_path, repo_root):
         pytest.fail("torchrun run of the streaming loader timed out")
     assert proc.returncode == 0, err[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    for name, n in (("four", 12), ("two", 10)):
-        expected = {tuple(tokenize_captions([cc_caption_for(i)], 16)[0][0].tolist()) for i in range(n)}
-        assert ranks[0][f"{name}/len"] == ranks[1][f"{name}/len"] == [n // 2, math.ceil(n / 2 / 2)]
-        orders = []
-        for epoch in range(2 if name == "four" else 1):
-            seen = [tuple(x) for r in ranks for x in r[f"{name}/{epoch}"]]
-            assert len(seen) == n and set(seen) == expected, (name, epoch)  # every sample exactly once
-            orders.append(seen)
-        if name == "four":
-            assert orders[0] != orders[1]  # shard order reshuffled per epoch
+    orders = []
+    for epoch in range(2):
+        seen = [tuple(x) for r in ranks for x in r[f"{epoch}/ids"]]
+        assert len(seen) == 20 and set(seen) == caption_ids(20), epoch  # every sample exactly once
+        for r in ranks:
+            assert sorted(r[f"{epoch}/sizes"]) == [1, 3, 3, 3] and r[f"{epoch}/skipped"] == 0
+        assert ranks[0][f"{epoch}/sizes"] == ranks[1][f"{epoch}/sizes"]  # step k: one batch size on all ranks
+        orders.append(seen)
+    assert ranks[0]["batches"] == ranks[1]["batches"] == 4 and ranks[0]["len"] == ranks[1]["len"] == [10, 4]
+    assert orders[0] != orders[1]  # shard order reshuffled per epoch
+
+
+def _stream_epoch(ds, world: int, workers: int, batch: int, epoch: int, monkeypatch):
+    """One epoch of every rank through the real DataLoader (rank/world from RANK/WORLD_SIZE, as without a process
+    group; forked workers inherit them) -> per rank: list of batches."""
+    out = []
+    for rank in range(world):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        planned = ds.set_batch_size(batch)
+        ds.set_epoch(epoch)
+        loader = DataLoader(ds, batch_size=batch, num_workers=workers, drop_last=False)
+        batches = list(loader)
+        assert len(batches) == planned == len(loader)  # the count the training loop is given is the real one
+        out.append(batches)
+    return out
+
+
+@pytest.mark.parametrize("sizes,world,workers,batch", [
+    ((7, 3, 5, 1, 4), 2, 3, 2),      # unequal shards, more slots than shards, odd total (20 -> 10 a rank)
+    ((4, 4, 4, 4, 4), 1, 2, 4),      # "5 equal shards and 2 workers": 2 of 20 were never seen before
+    ((4, 3, 4), 3, 2, 2),            # 11 samples on 3 ranks: 3 a rank, 9 used, 2 (= 11 mod 3) held out
+])
+def test_webdataset_stream_exact_epochs_any_layout(tmp_path, monkeypatch, sizes, world, workers, batch):
+    write_cc3m_shards(tmp_path / "shards", n_shards=len(sizes), per_shard=sizes)
+    n = sum(sizes)
+    ds = WebDatasetStream(tmp_path / "shards", patch_size=PATCH_SIZE, max_words=16, image_size=32)
+    first = np.cumsum([0, *sizes])  # sample numbers of shard k: first[k] .. first[k+1]-1
+    for epoch in range(2):
+        ranks = _stream_epoch(ds, world, workers, batch, epoch, monkeypatch)
+        per_rank = [[tuple(r.tolist()) for b in bs for r in b["input_ids"]] for bs in ranks]
+        seen = [x for r in per_rank for x in r]
+        assert len(seen) == len(set(seen)) == world * (n // world)  # nothing twice
+        assert len({tuple(len(b["input_ids"]) for b in bs) for bs in ranks}) == 1  # step k: same size everywhere
+        # left out: only the n mod world last samples of this epoch's shard order
+        in_order = [i for k in ds.plan(epoch).order for i in range(first[k], first[k + 1])]
+        assert set(seen) == {tuple(tokenize_captions([cc_caption_for(i)], 16)[0][0].tolist())
+                             for i in in_order[:len(seen)]}
+
+
+def test_webdataset_stream_plan_for_cc3m_layout():
+    """The rule at CC3M's scale, without reading data: 332 shards of about 10k samples on 8 ranks x 10 workers.
+    Every position 0..S-1 is read by exactly one (rank, worker) slot, in whole batches, and ranks run equal steps."""
+    rng = np.random.default_rng(0)
+    counts = [int(c) for c in rng.integers(9_000, 10_001, size=332)]
+    world, workers, batch = 8, 10, 96
+    plan = EpochPlan.make(counts, sum(counts), world, batch, seed=0, epoch=3)
+    assert sorted(plan.order) == list(range(332))
+    ranges = [plan.slot_range(r, w, workers) for r in range(world) for w in range(workers)]
+    covered = np.zeros(sum(counts), dtype=np.int64)
+    for lo, hi in ranges:
+        covered[lo:hi] += 1
+        got = sum(b - a for _, a, b, _ in plan.pieces(lo, hi))
+        assert got == hi - lo
+    assert (covered[:world * plan.per_rank] == 1).all() and (covered[world * plan.per_rank:] == 0).all()
+    assert sum(counts) - world * plan.per_rank == sum(counts) % world
+    for r in range(world):  # whole batches per worker except the rank's last one
+        sizes = [hi - lo for lo, hi in ranges[r * workers:(r + 1) * workers]]
+        assert sum(math.ceil(x / batch) for x in sizes) == plan.batches
+        assert sum(x % batch != 0 for x in sizes) <= 1
+
+
+def test_webdataset_stream_replaces_bad_samples_and_counts_them(tmp_path, monkeypatch):
+    """A corrupt image and a missing caption keep the batch layout: each is replaced by a good sample of the same
+    worker and flagged skipped = 1, so the epoch's sum of batch['skipped'] is 2 with any number of workers."""
+    write_cc3m_shards(tmp_path / "s", n_shards=2, per_shard=4, corrupt=1, no_caption=1, seed=3)
+    ds = WebDatasetStream(tmp_path / "s", patch_size=PATCH_SIZE, max_words=16, image_size=32)
+    for workers in (0, 2):
+        ranks = _stream_epoch(ds, 1, workers, 3, 0, monkeypatch)
+        batches = ranks[0]
+        assert sorted(len(b["input_ids"]) for b in batches) == [2, 3, 3]
+        assert sum(int(b["skipped"].sum()) for b in batches) == 2
+        ids = [tuple(r.tolist()) for b in batches for r in b["input_ids"]]
+        bad = {cc_caption_for(2), cc_caption_for(3)}  # shard 0: samples 2 (no caption) and 3 (corrupt)
+        assert set(ids) == caption_ids(8) - {tuple(tokenize_captions([c], 16)[0][0].tolist()) for c in bad}
+
+
+def test_webdataset_stream_refuses_more_samples_than_the_shards_hold(tmp_path):
+    write_cc3m_shards(tmp_path / "s", n_shards=1, per_shard=3)
+    with pytest.raises(stores.StoreError, match="hold 3 samples"):
+        WebDatasetStream(tmp_path / "s", patch_size=PATCH_SIZE, samples_per_epoch=4)
+
+
+def test_training_loop_gets_the_exact_stream_length(tmp_path, monkeypatch):
+    """engine.train's data step: with 2 loader workers and batches that do not divide a worker's share, the loop
+    consumes exactly the planned batches and ends the epoch (it used to raise 'data loader ran out')."""
+    from engine.distributed import DistEnv
+    from engine.training import TrainConfig, train
+    write_cc3m_shards(tmp_path / "s", n_shards=3, per_shard=5, seed=4)
+    ds = WebDatasetStream(tmp_path / "s", patch_size=PATCH_SIZE, max_words=8, image_size=32)
+    seen = []
+
+    class Probe(torch.nn.Module):  # the loop only needs compute_losses, parameters and clip.logit_scale
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+            self.clip = torch.nn.Module()
+            self.clip.logit_scale = torch.nn.Parameter(torch.zeros(()))
+
+        def compute_losses(self, input_ids, attention_mask, image, superpixels=None):
+            seen.extend(tuple(r.tolist()) for r in input_ids)
+            return {"total": self.w * image.mean()}
+
+    res = train(Probe(), ds, TrainConfig(batch_size=2, epochs=1, num_workers=2, progress=False), DistEnv())
+    assert res.finished and res.global_step == 8  # 15 samples in batches of 2 = 7 full + 1 of one sample
+    assert sorted(seen) == sorted(caption_ids(15, 8))
 
 
 def test_superpixels_of_other_images_are_refused(tiny, tmp_path):
-    from dataloaders.testing import write_legacy_superpixels
-    ds0 = StoreDataset(tiny["store"], max_words=8)
+    ds0 = StoreDataset(tiny["store"], max_words=8, patch_size=PATCH_SIZE)
     write_legacy_superpixels(tmp_path / "wrong.lmdb", {ds0.key(0): np.zeros((10, 12), dtype=np.int64)})
-    ds = StoreDataset(tiny["store"], max_words=8, use_seglabel=True, superpixel_path=tmp_path / "wrong.lmdb")
+    ds = StoreDataset(tiny["store"], max_words=8, patch_size=PATCH_SIZE, use_seglabel=True, superpixel_path=tmp_path / "wrong.lmdb")
     with pytest.raises(ValueError, match="belongs to other images"):
         ds[0]
 
@@ -252,8 +387,11 @@ def test_image_size_flag_sets_crop_and_patch_grid(tiny):
     """--image_size 64: 64x64 crops and a 4x4 superpixel patch grid (a tiny model trains at its own resolution)."""
     p = add_data_args(argparse.ArgumentParser())
     assert p.parse_args([]).image_size == 224 and p.parse_args(["--image_size", "64"]).image_size == 64
-    ds = build_pretrain_dataset(ns(**{**tiny["args"], "image_size": 64}, use_seglabel=True))
+    ds = build_pretrain_dataset(ns(**{**tiny["args"], "image_size": 64}, use_seglabel=True), PATCH_SIZE)
     it = ds[0]
     assert it["image"].shape == (3, 64, 64) and it["superpixels"].shape == (4, 4)
-    with pytest.raises(ValueError, match="multiple of the patch size 16"):
-        build_pretrain_dataset(ns(**{**tiny["args"], "image_size": 100}))
+    with pytest.raises(ValueError, match="multiple of the model's patch size 16"):
+        build_pretrain_dataset(ns(**{**tiny["args"], "image_size": 100}), PATCH_SIZE)
+    # the patch grid is the model's: a patch-32 model gets a 2x2 grid on 64-pixel crops
+    ds32 = build_pretrain_dataset(ns(**{**tiny["args"], "image_size": 64}, use_seglabel=True), patch_size=32)
+    assert ds32[0]["superpixels"].shape == (2, 2)

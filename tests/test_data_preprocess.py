@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from dataloaders import stores
-from dataloaders.testing import caption_for, data_arg_defaults, write_cc3m_shards, write_coco_raw
+from tests.helpers import PATCH_SIZE, caption_for, data_arg_defaults, write_cc3m_shards, write_coco_raw
 
 
 def run_script(repo_root, name, *args, check=True):
@@ -71,7 +71,7 @@ def test_coco_store_roundtrip(coco_built):
     from dataloaders.pretrain import build_pretrain_dataset
     args = argparse.Namespace(**{**data_arg_defaults(), "datatype": "coco", "coco_store": str(store)},
                               max_words=16, use_seglabel=True)
-    ds = build_pretrain_dataset(args)
+    ds = build_pretrain_dataset(args, PATCH_SIZE)
     assert len(ds) == 6  # 3 images x 2 captions, one sample per caption
     from modules.tokenization_clip import tokenize_captions
     expected = {tuple(tokenize_captions([caption_for(i, j)], 16)[0][0].tolist()) for i in range(3) for j in range(2)}
@@ -91,7 +91,7 @@ def test_coco_superpixel_labels_equal_spec_pooling(coco_built, monkeypatch):
     from dataloaders.imageio import decode_rgb
     from dataloaders import transforms
     from dataloaders import superpixels as sp
-    ds = StoreDataset(store, max_words=16, use_seglabel=True)
+    ds = StoreDataset(store, max_words=16, use_seglabel=True, patch_size=PATCH_SIZE)
     boxes = []
     real = transforms.TrainTransform.__call__
 
@@ -103,7 +103,7 @@ def test_coco_superpixel_labels_equal_spec_pooling(coco_built, monkeypatch):
     item = ds[0]
     stored = decode_rgb(ds.image_bytes(ds.key(0)))
     labels = sp.felzenszwalb(np.asarray(stored))
-    np.testing.assert_array_equal(item["superpixels"].numpy(), sp.patch_labels(labels, boxes[0]))
+    np.testing.assert_array_equal(item["superpixels"].numpy(), sp.patch_labels(labels, boxes[0], 224, PATCH_SIZE))
 
 
 def test_cc3m_store_skips_bad_samples_and_resumes(tmp_path, repo_root):
@@ -135,7 +135,7 @@ def test_cc3m_store_skips_bad_samples_and_resumes(tmp_path, repo_root):
     from dataloaders.pretrain import build_pretrain_dataset
     args = argparse.Namespace(**{**data_arg_defaults(), "datatype": "cc", "cc_store": str(part)}, max_words=32,
                               use_seglabel=True)
-    ds = build_pretrain_dataset(args)
+    ds = build_pretrain_dataset(args, PATCH_SIZE)
     assert len(ds) == 10
     item = ds[9]
     assert item["superpixels"].shape == (14, 14) and int(item["attention_mask"].sum()) > 2
@@ -156,14 +156,57 @@ def test_preprocess_bad_input_is_a_clear_error(tmp_path, repo_root):
 
 
 def test_img2dataset_sample_fields(tmp_path):
-    from dataloaders.build_stores import _brace_expand, list_shards, sample_caption, sample_image
+    from dataloaders.shards import brace_expand, list_shards, sample_caption, sample_image
     assert sample_caption({"json": b'{"caption": " a dog "}', "txt": b"other"}) == "a dog"
     assert sample_caption({"json": b'{"caption": ""}', "txt": b"from txt"}) == "from txt"  # empty json -> txt
     assert sample_caption({"json": b'{"caption": "  "}'}) is None  # empty caption
     assert sample_caption({"jpg": b"x"}) is None  # missing caption
     assert sample_caption({"json": b"not json"}) is None
     assert sample_image({"png": b"p"}) == b"p" and sample_image({"json": b"{}"}) is None
-    assert _brace_expand("d/{00008..00011}.tar") == [f"d/{i:05d}.tar" for i in range(8, 12)]
-    assert _brace_expand("{a,b}/{1..2}") == ["a/1", "a/2", "b/1", "b/2"]
+    assert brace_expand("d/{00008..00011}.tar") == [f"d/{i:05d}.tar" for i in range(8, 12)]
+    assert brace_expand("{a,b}/{1..2}") == ["a/1", "a/2", "b/1", "b/2"]
     with pytest.raises(ValueError, match="not found"):
         list_shards(str(tmp_path / "{00000..00001}.tar"))
+
+
+def test_cc3m_store_keeps_every_sample_of_two_img2dataset_runs(tmp_path):
+    """Two img2dataset output folders both hold 00000.tar and 00001.tar with the same sample keys (img2dataset
+    keys are unique only within one run): all 28 samples are stored (by file name and key, run b was lost whole
+    and silently), the same
+    shards given again or moved are recognised by content and skipped, and no sample vanishes uncounted."""
+    from dataloaders.build_stores import build_cc3m_store
+    from dataloaders.datasets import StoreDataset
+    from modules.tokenization_clip import tokenize_captions
+    from tests.helpers import cc_caption_for
+    a = write_cc3m_shards(tmp_path / "run_a", n_shards=2, per_shard=[8, 6], seed=1)
+    b = write_cc3m_shards(tmp_path / "run_b", n_shards=2, per_shard=[8, 6], seed=2, first_sample=14)
+    s = build_cc3m_store([tmp_path / "run_a", tmp_path / "run_b"], tmp_path / "store", progress=False)
+    assert (s["written"], s["images_in_store"], s["shards_skipped"], s["duplicate_key"]) == (28, 28, 0, 0)
+    ds = StoreDataset(tmp_path / "store", max_words=16, patch_size=PATCH_SIZE)
+    got = {tuple(ds[i]["input_ids"].tolist()) for i in range(len(ds))}
+    assert got == {tuple(tokenize_captions([cc_caption_for(n)], 16)[0][0].tolist()) for n in range(28)}
+    # rerun, and the same shard under another name and folder: recognised by content, nothing added
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "moved" / "renamed.tar").write_bytes(open(a[0], "rb").read())
+    again = build_cc3m_store([*b, tmp_path / "moved"], tmp_path / "store", progress=False)
+    assert (again["written"], again["shards_skipped"], again["images_in_store"]) == (0, 3, 28)
+
+
+def test_cc3m_store_counts_every_sample_it_does_not_write(tmp_path):
+    """A key repeated inside one shard is counted as duplicate_key (not silently merged); a store written with the
+    old bare keys is refused with one line instead of being doubled."""
+    from webdataset import TarWriter
+    from dataloaders.build_stores import build_cc3m_store
+    from tests.helpers import jpeg_bytes, random_image
+    img = jpeg_bytes(random_image(np.random.default_rng(0)))
+    (tmp_path / "raw").mkdir()
+    with TarWriter(str(tmp_path / "raw" / "00000.tar")) as tw:
+        for key in ("x", "y", "x"):
+            tw.write({"__key__": key, "jpg": img, "txt": f"caption {key}"})
+    s = build_cc3m_store(tmp_path / "raw", tmp_path / "store", progress=False)
+    assert (s["written"], s["duplicate_key"], s["images_in_store"]) == (2, 1, 2)
+    old = stores.StoreWriter(tmp_path / "old", "cc3m")  # what the previous version wrote: no "cc3m_keys" info
+    old.put("000000000", img, ["a caption"])
+    old.close()
+    with pytest.raises(stores.StoreError, match="older version"):
+        build_cc3m_store(tmp_path / "raw", tmp_path / "old", progress=False)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from seg_segmentation.classes import DATASET_CLASSES
 from seg_segmentation.datasets import LAYOUTS
-from seg_segmentation.synthetic import write_fake_dataset
+from tests.helpers import write_fake_dataset
 
 SIZES = [(120, 90), (90, 130), (200, 100), (96, 96), (150, 70)]     # (w, h): 1-3 windows of 112 each
 SMALL = ['--resolution', '112', '--crop_size', '112', '--stride', '112']   # the tiny model is a 112 model

@@ -18,7 +18,7 @@ import main_seg_vis
 import main_seg_zeroshot
 from common import images
 from common.fileio import OutputError
-from seg_segmentation.synthetic import write_fake_dataset
+from tests.helpers import write_fake_dataset
 
 SMALL = ['--resolution', '112', '--crop_size', '112', '--stride', '112', '--num_workers', '0', '--no_progress']
 

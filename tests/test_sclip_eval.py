@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from seg_segmentation.synthetic import write_fake_dataset
+from tests.helpers import write_fake_dataset
 from tests.conftest import SCLIP_REFERENCE_PT
 from tests.test_eval_cli import run_cli
 

@@ -112,7 +112,7 @@ def test_torchrun_two_processes_end_to_end(repo_root, tmp_path, tiny_clip_file, 
     state = load_training_state(out / "training_state.pt")
     assert state["global_step"] == 3 and state["world_size"] == 2 and len(state["rng"]) == 2
 
-    from seg_segmentation.synthetic import write_fake_dataset
+    from tests.helpers import write_fake_dataset
     voc = write_fake_dataset("voc", tmp_path / "VOC2012", num_images=3, size=(64, 48))
     proc = subprocess.run(LAUNCH + args + ["--resume", "auto", "--eval_data_root", voc], cwd=repo_root,
                           env=_env(repo_root), capture_output=True, text=True, timeout=300)

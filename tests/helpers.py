@@ -1,24 +1,57 @@
-"""Tiny generated pretraining data for tests (ours and other engineers'): real JPEGs, Karpathy JSON, shards.
+"""Generated data for the tests: real files in the real layouts, small enough to write in a second.
 
-    from dataloaders.testing import make_tiny_coco
+Pretraining (``dataloaders``)::
+
     data = make_tiny_coco(tmp_path, n_images=4)          # raw files + preprocessed store + superpixels
     args = argparse.Namespace(**data["args"], max_words=32, use_seglabel=True)
-    ds = build_pretrain_dataset(args)                    # 4 images x 2 captions = 8 samples
+    ds = build_pretrain_dataset(args, patch_size=PATCH_SIZE)   # 4 images x 2 captions = 8 samples
+    write_cc3m_shards(tmp_path / "shards", n_shards=2, per_shard=3)   # img2dataset shards, by webdataset itself
+
+Segmentation benchmarks (``seg_segmentation``)::
+
+    root = write_fake_dataset('voc', tmp_path / 'VOC2012', num_images=3, size=(120, 90))
+
+The shards are written with webdataset's own ``TarWriter``, so the loaders are tested against the library that
+defines the format. (The quickstart world, ``preprocess/synthetic.py``, is the generated data for people and
+benchmarks; this module is only for tests.)
 """
+import argparse
 import io
 import json
+import os
+import os.path as osp
+import pickle
+import zlib
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple, Union
 
+import lmdb
 import numpy as np
 from PIL import Image
+from webdataset import TarWriter
+
+from dataloaders.build_stores import build_coco_store, build_superpixel_store
+from dataloaders.imageio import decode_rgb, encode_for_store
+from dataloaders.pretrain import add_data_args
+from dataloaders.superpixels import felzenszwalb, superpixel_store_name
+
+# Patch size of the models whose data the tests build (ViT-B/16 and the tiny reference model): 224 / 16 = 14.
+PATCH_SIZE = 16
 
 WORDS = ["red", "blue", "green", "small", "large", "dog", "cat", "car", "tree", "house", "boat", "bird"]
 
 
-def random_image(rng: np.random.Generator, size=(320, 256), mode: str = "RGB") -> Image.Image:
-    """A blocky random picture (a few flat rectangles, so Felzenszwalb finds several real regions)."""
+def random_image(rng: np.random.Generator, size=(320, 256), mode: str = "RGB",
+                 labels: Optional[np.ndarray] = None) -> Image.Image:
+    """A random picture of ``size`` (width, height).
+
+    Without ``labels``: a few flat rectangles (so Felzenszwalb finds several real regions). With ``labels``
+    ([h, w] ids): a colour per label value plus noise, so the picture correlates with its segmentation."""
     w, h = size
+    if labels is not None:
+        colours = rng.integers(0, 256, size=(256, 3))
+        arr = np.clip(colours[labels] + rng.integers(-20, 21, size=(h, w, 3)), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr)
     arr = np.full((h, w, 3), rng.integers(0, 256, 3), dtype=np.uint8)
     for _ in range(4):
         x0, y0 = rng.integers(0, w - 8), rng.integers(0, h - 8)
@@ -61,17 +94,20 @@ def write_coco_raw(root, n_images: int = 4, captions_per_image: int = 2, seed: i
     return {"karpathy_json": str(root / "dataset_coco.json"), "image_root": str(root)}
 
 
-def write_cc3m_shards(root, n_shards: int = 2, per_shard: int = 3, seed: int = 1, corrupt: int = 0,
-                      no_caption: int = 0) -> List[str]:
+def write_cc3m_shards(root, n_shards: int = 2, per_shard: Union[int, Sequence[int]] = 3, seed: int = 1,
+                      corrupt: int = 0, no_caption: int = 0, first_sample: int = 0) -> List[str]:
     """img2dataset-style shards ``root/00000.tar``... written with webdataset's TarWriter (key.jpg + key.json +
-    key.txt), plus ``_stats.json``. The last ``corrupt`` samples of shard 0 carry undecodable bytes and the next
-    ``no_caption`` samples an empty caption."""
-    from webdataset import TarWriter
+    key.txt), plus ``_stats.json``, as one img2dataset run names them (keys ``SSSSSIIII``).
+
+    per_shard: samples of every shard, or one count per shard. Sample n (counted over the shards from
+    ``first_sample``) has caption ``cc_caption_for(n)``. The last ``corrupt`` samples of shard 0 carry undecodable
+    bytes and the ``no_caption`` samples before them an empty caption."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    paths, n = [], 0
-    for s in range(n_shards):
+    sizes = [per_shard] * n_shards if isinstance(per_shard, int) else list(per_shard)
+    paths, n = [], first_sample
+    for s, per_shard in enumerate(sizes):
         path = root / f"{s:05d}.tar"
         with TarWriter(str(path)) as tw:
             for i in range(per_shard):
@@ -92,8 +128,6 @@ def write_cc3m_shards(root, n_shards: int = 2, per_shard: int = 3, seed: int = 1
 
 def data_arg_defaults() -> dict:
     """The defaults of every flag ``add_data_args`` defines, as a dict."""
-    import argparse
-    from dataloaders.pretrain import add_data_args
     return vars(add_data_args(argparse.ArgumentParser()).parse_args([]))
 
 
@@ -105,7 +139,6 @@ def make_tiny_coco(root, n_images: int = 4, captions_per_image: int = 2, superpi
     "args": {...}} where ``args`` are the data flags of ``add_data_args`` selecting this store
     (datatype 'coco'); add ``max_words`` and ``use_seglabel`` yourself. Takes ~1 s.
     """
-    from dataloaders.build_stores import build_coco_store, build_superpixel_store
     root = Path(root)
     raw = write_coco_raw(root / "raw", n_images, captions_per_image, seed)
     store = root / "coco_store"
@@ -118,8 +151,6 @@ def make_tiny_coco(root, n_images: int = 4, captions_per_image: int = 2, superpi
 
 def write_legacy_superpixels(path, label_maps: dict):
     """2022 superpixel LMDB: key -> zlib-compressed JSON [h, w, label_0, ...]."""
-    import zlib
-    import lmdb
     env = lmdb.open(str(path), map_size=1 << 30, subdir=True)
     with env.begin(write=True) as txn:
         for key, labels in label_maps.items():
@@ -133,10 +164,6 @@ def write_legacy_cc3m(root, n: int = 4, seed: int = 2, superpixels: bool = True)
     """The 2022 CC3M layout: ``cc3m_train_lmdb_total/`` + ``_keys.pkl`` + ``cc3m_train_desc.pkl`` (+ superpixels).
 
     Returns {"root", "captions": {key: caption}, "images": {key: stored bytes}}."""
-    import pickle
-    import lmdb
-    from dataloaders.imageio import encode_for_store
-    from dataloaders.superpixels import felzenszwalb, superpixel_store_name
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -153,7 +180,6 @@ def write_legacy_cc3m(root, n: int = 4, seed: int = 2, superpixels: bool = True)
     with open(root / "cc3m_train_desc.pkl", "wb") as f:
         pickle.dump({k: {"caption": c, "key": k, "status": "success"} for k, c in captions.items()}, f)
     if superpixels:
-        from dataloaders.imageio import decode_rgb
         maps = {k: felzenszwalb(np.asarray(decode_rgb(v))) for k, v in images.items()}
         write_legacy_superpixels(root / superpixel_store_name("cc3m_train_lmdb_total_seg"), maps)
     return {"root": str(root), "captions": captions, "images": images}
@@ -162,9 +188,6 @@ def write_legacy_cc3m(root, n: int = 4, seed: int = 2, superpixels: bool = True)
 def write_legacy_coco(root, n_images: int = 3, captions_per_image: int = 2, seed: int = 3,
                       superpixels: bool = True) -> dict:
     """The 2022 COCO layout: ``coco_train2014.pkl`` ({file name: bytes}) + ``karpathy/dataset_coco.json``."""
-    import pickle
-    from dataloaders.imageio import decode_rgb, encode_for_store
-    from dataloaders.superpixels import felzenszwalb, superpixel_store_name
     root = Path(root)
     raw = write_coco_raw(root / "raw", n_images, captions_per_image, seed)
     (root / "karpathy").mkdir(parents=True, exist_ok=True)
@@ -176,3 +199,65 @@ def write_legacy_coco(root, n_images: int = 3, captions_per_image: int = 2, seed
         maps = {k: felzenszwalb(np.asarray(decode_rgb(v))) for k, v in images.items()}
         write_legacy_superpixels(root / superpixel_store_name("coco_train2014_seg"), maps)
     return {"root": str(root), "images": images}
+
+
+# raw label value range written per dataset (before mmseg's reduce_zero_label)
+_RAW_LABELS = {'voc': 21, 'voc20': 21, 'context': 60, 'context59': 60, 'coco': 81, 'coco_stuff': 171,
+               'cityscapes': 19, 'ade20k': 151}
+
+
+def random_label_map(rng: np.random.Generator, h: int, w: int, num_labels: int, block: int = 16,
+                     ignore: bool = True) -> np.ndarray:
+    """Blocks of random ids in [0, num_labels) with a 3-pixel band of 255 along the top."""
+    small = rng.integers(0, num_labels, size=(-(-h // block), -(-w // block)))
+    lab = np.kron(small, np.ones((block, block), dtype=np.int64))[:h, :w].astype(np.uint8)
+    if ignore:
+        lab[:3] = 255
+    return lab
+
+
+def _save_label(path: str, lab: np.ndarray, palette: bool) -> None:
+    """VOC stores labels as palette PNGs (pixel value = palette index = class id), the others as grey PNGs."""
+    im = Image.fromarray(lab)           # mode 'L'
+    if palette:
+        from seg_segmentation.drawing import voc_palette  # OpenCV: only where a VOC layout is written
+        im = im.convert('P')            # keeps the index values; then give it VOC's colours
+        im.putpalette(voc_palette().flatten().tolist())
+    im.save(path)
+
+
+def write_fake_dataset(dataset: str, root, num_images: int = 3, size: Tuple[int, int] = (120, 90),
+                       seed: int = 0, sizes=None, jpeg_quality: int = 90) -> str:
+    """Write ``num_images`` samples of ``dataset`` under ``root`` in its mmseg layout; returns ``root``.
+
+    size: (width, height) of every image, or ``sizes``: a list of (width, height), one per image.
+    """
+    from seg_segmentation.datasets import LAYOUTS  # mmseg: only for the tests that need a benchmark layout
+    layout = LAYOUTS[dataset]
+    rng = np.random.default_rng(seed)
+    root = str(root)
+    img_dir, ann_dir = osp.join(root, layout.img_dir), osp.join(root, layout.ann_dir)
+    names = []
+    for i in range(num_images):
+        w, h = sizes[i] if sizes is not None else size
+        name = f'{2007 + i:04d}_{i:06d}'
+        sub = ''
+        if dataset == 'cityscapes':
+            sub = 'frankfurt' if i % 2 == 0 else 'lindau'
+            name = f'{sub}_{i:06d}_000019'
+        lab = random_label_map(rng, h, w, _RAW_LABELS[dataset])
+        img = random_image(rng, (w, h), labels=lab)
+        os.makedirs(osp.join(img_dir, sub), exist_ok=True)
+        os.makedirs(osp.join(ann_dir, sub), exist_ok=True)
+        img_path = osp.join(img_dir, sub, name + layout.img_suffix)
+        if layout.img_suffix.endswith('.png'):
+            img.save(img_path)
+        else:
+            img.save(img_path, quality=jpeg_quality)
+        _save_label(osp.join(ann_dir, sub, name + layout.seg_map_suffix), lab, palette=dataset in ('voc', 'voc20'))
+        names.append(name)
+    if layout.split:
+        os.makedirs(osp.dirname(osp.join(root, layout.split)), exist_ok=True)
+        with open(osp.join(root, layout.split), 'w') as f:
+            f.write('\n'.join(names) + '\n')
+    return root
