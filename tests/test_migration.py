@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 TWENTY_TWO_DEMO = ["--input", "demo/examples/voc.jpg", "--vis", "input", "input_pred_label", "--dataset", "voc",
@@ -17,8 +18,8 @@ TWENTY_TWO_TRAIN = ["--do_pretrain", "--num_thread_reader=10", "--epochs=10", "-
                     "--lower_lr", "4e-6", "--use_pin_memory", "--use_seglabel", "--use_vision_mae_recon"]
 
 
-def _run(repo_root, script, args, cwd, timeout=300):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", SEGCLIP_OFFLINE="1")
+def _run(repo_root, script, args, cwd, timeout=300, env=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", SEGCLIP_OFFLINE="1", **(env or {}))
     env.pop("WORLD_SIZE", None)
     return subprocess.run([sys.executable, str(repo_root / script), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
@@ -68,10 +69,13 @@ def test_2022_eval_command_with_default_data_root(repo_root, old_tree):
     assert "mIoU" in r.stdout + r.stderr
 
 
-def test_2022_train_command_only_needs_the_stores(repo_root, tmp_path):
+def test_2022_train_command_only_needs_the_stores(repo_root, tmp_path, reference):
     """Every flag of the published command is accepted; what is missing is where the data live (the values that
-    were edited into dataloaders/data_config.py)."""
-    r = _run(repo_root, "main_task_align.py", ["--local-rank=0", *TWENTY_TWO_TRAIN], cwd=tmp_path)
+    were edited into dataloaders/data_config.py). The CLIP it starts from is a tiny one, found under its name."""
+    (tmp_path / "cache").mkdir()
+    torch.save(reference["clip_state_dict"], tmp_path / "cache" / "ViT-B-16.pt")
+    r = _run(repo_root, "main_task_align.py", ["--local-rank=0", *TWENTY_TWO_TRAIN], cwd=tmp_path,
+             env={"SEGCLIP_CACHE": str(tmp_path / "cache")})
     out = r.stdout + r.stderr
     assert r.returncode == 2, out[-2000:]
     assert "unrecognized arguments" not in out
