@@ -5,10 +5,11 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from tests.helpers import write_fake_dataset
 
 TWENTY_TWO_DEMO = ["--input", "demo/examples/voc.jpg", "--vis", "input", "input_pred_label", "--dataset", "voc",
                    "--init_model", "checkpoints/segclip.bin"]
@@ -43,26 +44,12 @@ def test_2022_demo_command(repo_root, old_tree):
         assert Image.open(out).size == (451, 300), out
 
 
-def _write_voc(root, n=2):
-    """VOC 2012 layout at mmseg's default place: JPEGImages/, SegmentationClass/ (palette PNG), the val split."""
-    rng = np.random.default_rng(0)
-    for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
-        (root / d).mkdir(parents=True)
-    names = [f"2007_{i:06d}" for i in range(n)]
-    for name in names:
-        Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(root / "JPEGImages" / f"{name}.jpg")
-        label = Image.fromarray(rng.integers(0, 21, (90, 120), dtype=np.uint8), mode="P")
-        label.putpalette([v for i in range(256) for v in (i, i, i)])
-        label.save(root / "SegmentationClass" / f"{name}.png")
-    (root / "ImageSets/Segmentation/val.txt").write_text("\n".join(names) + "\n")
-
-
 def test_2022_eval_command_with_default_data_root(repo_root, old_tree):
     """The 2022 command (as torch.distributed.launch passes it) finds the data where mmseg keeps it, instead of a
     data_root edited into a config file."""
     r = _run(repo_root, "main_seg_zeroshot.py", ["--local-rank=0", *TWENTY_TWO_EVAL], cwd=old_tree)
     assert r.returncode == 2 and "data/VOCdevkit/VOC2012" in r.stderr, r.stderr[-2000:]
-    _write_voc(old_tree / "data" / "VOCdevkit" / "VOC2012")
+    write_fake_dataset("voc", old_tree / "data" / "VOCdevkit" / "VOC2012", num_images=2)
     r = _run(repo_root, "main_seg_zeroshot.py", ["--local-rank=0", *TWENTY_TWO_EVAL, "--num_workers", "0"],
              cwd=old_tree)
     assert r.returncode == 0, r.stderr[-2000:]
