@@ -113,3 +113,24 @@ def test_two_nodes_and_srun_train_like_one_node(repo_root, tmp_path, tiny_clip_f
             assert torch.equal(state["model"][k], v), (other.name, k)
         assert [r["loss"] for r in read_metrics(other / METRICS_NAME, "step")] == ref_losses
         assert "global batch 4 = 2 process(es) x 2" in (other / "log.txt").read_text()
+
+
+def test_corrupt_samples_are_one_total_over_ranks_and_workers(repo_root, tmp_path, tiny_clip_file):  # noqa: F811
+    """Streaming shards with an undecodable image and an empty caption, 2 processes x 1 loader worker: the epoch
+    record and the log give one total of 2 replaced samples, whichever rank met them."""
+    from engine.metrics import METRICS_NAME, read_metrics
+    from tests.helpers import write_cc3m_shards
+    write_cc3m_shards(tmp_path / "shards", n_shards=2, per_shard=4, corrupt=1, no_caption=1, seed=3)
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "main_task_align.py", "--do_pretrain", "--datatype", "wds", "--wds_shards",
+                        str(tmp_path / "shards"), "--pretrained_clip_name", str(tiny_clip_file), "--batch_size", "4",
+                        "--epochs", "1", "--max_words", "16", "--num_thread_reader", "1", "--n_display", "1",
+                        "--output_dir", str(out), "--no_progress"], cwd=repo_root, env=_env(), capture_output=True,
+                       text=True, timeout=400)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    (epoch,) = read_metrics(out / METRICS_NAME, "epoch")
+    assert epoch["skipped_samples"] == 2 and epoch["steps"] == 2
+    assert read_metrics(out / METRICS_NAME, "step")[-1]["skipped_samples"] == 2
+    log = (out / "log.txt").read_text()
+    assert "epoch 1/1: 2 corrupt sample(s) replaced by others (all workers and processes)" in log
