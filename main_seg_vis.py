@@ -97,34 +97,15 @@ def vocabulary(args):
 def main(argv=None) -> int:
     args = get_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from modules.checkpoint import load_segclip, segclip_checkpoint_keys
-    from common.download import resolve_segclip_checkpoint
     from seg_segmentation.inputs import collect_inputs
-    from seg_segmentation.visualize import SegmentationDemo, run_visualization
+    from seg_segmentation.visualize import SegmentationDemo, load_demo_model, run_visualization
 
     # every input is checked before the model is loaded
     names, with_bg, bg_thresh, synonyms = vocabulary(args)
     inputs = collect_inputs(args.input)
     device = cli.resolve_device(args.device)
     cli.check_writable_dir(args.output_dir, "--output_dir")
-    head = dict(pamr_steps=args.pamr_steps, pamr_dilations=tuple(args.pamr_dilations))
-    if args.method == "segclip":
-        ckpt = resolve_segclip_checkpoint(args.init_model, cache_dir=args.cache_dir, progress=not args.no_progress,
-                                          expected_keys=segclip_checkpoint_keys)
-        model = load_segclip(ckpt, device=device, use_vision_mae_recon=False, precision=args.precision)
-        if args.first_stage_layer is not None and args.first_stage_layer != model.config.first_stage_layer:
-            raise UsageError(f"--first_stage_layer {args.first_stage_layer} does not match the checkpoint "
-                             f"({model.config.first_stage_layer}); leave the flag out")
-    else:   # a plain CLIP: SCLIP's head with --dataset's preset (voc for your own classes)
-        from modules.checkpoint import load_clip
-        from modules.precision import set_precision
-        from seg_segmentation.dense import head_settings
-        if args.init_model is not None:
-            raise UsageError(f"--init_model is a SegCLIP checkpoint; --method {args.method} runs the CLIP of "
-                             "--pretrained_clip_name")
-        model = set_precision(load_clip(args.pretrained_clip_name, cache_dir=args.cache_dir, device=device,
-                                        activation=args.clip_activation), args.precision).eval()
-        head.update(head_settings(args.dataset, args.logit_scale, args.prob_thd, args.area_thd))
+    model, head, _ = load_demo_model(args, device)
     demo = SegmentationDemo(model, names, with_bg=with_bg, bg_thresh=bg_thresh, templates=args.templates,
                             crop=args.crop_size, stride=args.stride, resolution=args.resolution,
                             method=args.method, head=head, synonyms=synonyms)

@@ -3,11 +3,12 @@
     pip install -r requirements-demo.txt
     python demo/app.py                                    # the released checkpoint, http://127.0.0.1:7860
     python demo/app.py --init_model output/quickstart/train/pytorch_model.bin.1 --port 7861
+    python demo/app.py --method sclip                     # training-free, OpenAI's CLIP (no center view)
 
 Upload a photo (or pick one of demo/examples/), type class names, set the background threshold or turn background
 off; the page shows the overlay with names and a legend, each class's pixel share and the center-assignment map,
 and offers the label PNG and JSON for download. The model is loaded once at start-up and reused. Every result is
-produced by the library call ``main_seg_vis.py`` makes (``seg_segmentation.visualize.run_visualization``), so the
+produced by the library calls ``main_seg_vis.py`` makes (``load_demo_model``, ``run_visualization``), so the
 label PNG downloaded from the page is the CLI's for the same checkpoint, photo and vocabulary. Nothing is fetched
 from the internet: analytics are off and the page uses local fonts.
 """
@@ -22,7 +23,7 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from common import cli
 from common.errors import SegCLIPError, UsageError
@@ -30,7 +31,6 @@ from common.images import DEFAULT_MAX_IMAGE_PIXELS
 from modules.precision import PRECISIONS
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
-METHODS = ("segclip",)
 # What the page shows and the JSON/PNG it offers: the CLI's overlay and center-assignment modes (design.md §8).
 OVERLAY_MODE, GROUPS_MODE = "input_pred_label", "all_groups"
 DEFAULT_BG_THRESH = 0.8          # the CLI's default for your own classes (BG_THRESH['voc'])
@@ -48,17 +48,22 @@ class PageInputError(SegCLIPError, ValueError):
 
 def build_parser():
     p = cli.make_parser(__doc__)
-    p.add_argument("--method", default="segclip", choices=METHODS, help="segmenter")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind: 127.0.0.1 serves this machine only, 0.0.0.0 your network")
     p.add_argument("--port", type=int, default=7860, help="port to serve on")
     cli.add_checkpoint_args(
         p, init_model_help="SegCLIP checkpoint (state dict), e.g. the quickstart's train/pytorch_model.bin.1. "
                            "Default: <cache>/segclip.bin, the released checkpoint, downloaded when missing",
+        clip_help="CLIP weights of --method sclip / clip: a name (ViT-B/16, downloaded when missing), an OpenAI / "
+                  "open_clip / .safetensors file or a Hugging Face CLIP folder (ignored with SegCLIP)",
         first_stage_layer=None)
     cli.add_window_args(p, max_long=False)
+    cli.add_method_args(p)
     cli.add_inference_args(p, precisions=PRECISIONS)
     cli.add_runtime_args(p, distributed=False)
+    # the page always segments with your own class names: the SCLIP head preset is then voc's, as in
+    # main_seg_vis.py with --classes (its --dataset default)
+    p.set_defaults(dataset="voc")
     return p
 
 
@@ -66,6 +71,9 @@ def get_args(argv=None):
     args = cli.parse(build_parser(), argv)
     if not 1 <= args.port <= 65535:
         raise UsageError(f"--port must be in [1, 65535], got {args.port}")
+    cli.check_method(args)
+    from seg_segmentation.dense import apply_method_defaults
+    apply_method_defaults(args)
     cli.check_window(args)
     cli.check_max_image_pixels(args)
     return args
@@ -78,10 +86,13 @@ class WebSegmenter:
     """One loaded model serving many requests: a vocabulary + settings -> a cached ``SegmentationDemo``; a photo ->
     the files ``main_seg_vis.py`` writes for it (overlay, center map, label PNG, JSON) in a fresh folder."""
 
-    def __init__(self, model, checkpoint: Path, released: bool, device, crop: int = 224, stride: int = 224,
+    def __init__(self, model, checkpoint: Optional[Path], released: bool, device, crop: int = 224, stride: int = 224,
                  resolution: int = 224, max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
-                 work_dir: Optional[Path] = None):
-        self.model, self.checkpoint, self.released, self.device = model, Path(checkpoint), released, device
+                 work_dir: Optional[Path] = None, method: str = "segclip", head: Optional[Dict] = None,
+                 templates: str = "simple", weights: Optional[str] = None):
+        self.model, self.released, self.device = model, released, device
+        self.checkpoint = Path(checkpoint) if checkpoint is not None else None
+        self.method, self.head, self.templates, self.weights = method, dict(head or {}), templates, weights
         self.crop, self.stride, self.resolution = crop, stride, resolution
         self.max_image_pixels = max_image_pixels
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="segclip-web-", suffix=f"-{os.getpid()}"))
@@ -90,47 +101,66 @@ class WebSegmenter:
         self._count = 0
         self._lock = threading.Lock()   # one request at a time uses the model (the page's events run in threads)
 
-    def vocabulary(self, classes: str, background: bool) -> List[str]:
-        from seg_segmentation.classes import parse_class_list
+    def vocabulary(self, classes: str, background: bool) -> Tuple[List[str], Optional[List[List[str]]]]:
+        """The page's class names -> (names, synonyms or None), read as main_seg_vis.py reads them: one line is
+        --classes ("cat, wall, floor": a class per comma); several lines are a --classes_file (a class per line,
+        its synonyms separated by commas: "cat, kitten")."""
+        from seg_segmentation.classes import name_lines, parse_class_list
+        from seg_segmentation.synonyms import parse_name_lines
+        text = classes or ""
+        synonyms = None
         try:
-            names = parse_class_list(classes or "", source="class names")
+            lines = name_lines(text)
+            if len(lines) > 1:
+                synonyms = parse_name_lines(lines, source="class names")
+                names = [c[0] for c in synonyms]
+            else:
+                names = parse_class_list(lines[0] if lines else text, source="class names")
         except SegCLIPError as e:
             raise PageInputError(str(e)) from None
         if background and "background" in (n.lower() for n in names):
             raise PageInputError("'background' is added automatically from the threshold; remove it from the class "
                                  "names, or untick 'background' to keep it as an ordinary class")
-        return names
+        return names, synonyms
 
-    def demo_for(self, names: Sequence[str], background: bool, bg_thresh: float, templates: str):
+    def demo_for(self, names: Sequence[str], synonyms, background: bool, bg_thresh: float, templates: str):
         """The SegmentationDemo (text embeddings computed once) for this vocabulary and these settings."""
         from seg_segmentation.visualize import SegmentationDemo
-        key = (tuple(names), bool(background), float(bg_thresh), templates)
+        key = (tuple(names), None if synonyms is None else tuple(map(tuple, synonyms)), bool(background),
+               float(bg_thresh), templates)
         if key not in self._demos:
             self._demos[key] = SegmentationDemo(self.model, names, with_bg=background, bg_thresh=float(bg_thresh),
                                                 templates=templates, crop=self.crop, stride=self.stride,
-                                                resolution=self.resolution)
+                                                resolution=self.resolution, method=self.method, head=self.head,
+                                                synonyms=synonyms)
             while len(self._demos) > 4:
                 self._demos.popitem(last=False)
         self._demos.move_to_end(key)
         return self._demos[key]
 
+    @property
+    def has_centers(self) -> bool:
+        return self.method == "segclip"
+
     def segment(self, photo: Optional[str], classes: str, background: bool = True,
-                bg_thresh: float = DEFAULT_BG_THRESH, templates: str = "simple") -> Dict:
-        """-> {'overlay', 'groups', 'label_png', 'json': paths, 'summary': the JSON's content, 'seconds'}.
+                bg_thresh: float = DEFAULT_BG_THRESH, templates: Optional[str] = None) -> Dict:
+        """-> {'overlay', 'groups' (None without centers), 'label_png', 'json': paths, 'summary': the JSON's
+        content, 'seconds'}. ``templates`` None: the method's default (--templates).
 
         Raises PageInputError (shown in the page) for a missing or unreadable photo, one above the pixel limit,
         and for bad class names."""
         from seg_segmentation.visualize import run_visualization
         if not photo:
             raise PageInputError("upload a photo (or pick an example) first")
-        names = self.vocabulary(classes, background)
+        names, synonyms = self.vocabulary(classes, background)
         if not 0.0 <= float(bg_thresh) <= 1.0:
             raise PageInputError(f"the background threshold must be in [0, 1], got {bg_thresh}")
+        modes = [OVERLAY_MODE, GROUPS_MODE] if self.has_centers else [OVERLAY_MODE]
         with self._lock:
-            demo = self.demo_for(names, background, bg_thresh, templates)
+            demo = self.demo_for(names, synonyms, background, bg_thresh, templates or self.templates)
             out = self._new_result_dir()
             start = time.perf_counter()
-            report = run_visualization(demo, [Path(photo)], out, modes=[OVERLAY_MODE, GROUPS_MODE], progress=False,
+            report = run_visualization(demo, [Path(photo)], out, modes=modes, progress=False,
                                        max_image_pixels=self.max_image_pixels)
             seconds = time.perf_counter() - start
         if not report["written"]:
@@ -140,7 +170,7 @@ class WebSegmenter:
         name = report["written"][0]
         files = {Path(f).name: Path(f) for f in report["files"]}
         json_path = files[f"{name}.json"]
-        return {"overlay": files[f"{OVERLAY_MODE}_{name}.jpg"], "groups": files[f"{GROUPS_MODE}_{name}.jpg"],
+        return {"overlay": files[f"{OVERLAY_MODE}_{name}.jpg"], "groups": files.get(f"{GROUPS_MODE}_{name}.jpg"),
                 "label_png": files[f"{name}.png"], "json": json_path,
                 "summary": json.loads(json_path.read_text()), "seconds": seconds}
 
@@ -157,25 +187,24 @@ class WebSegmenter:
 
 
 def load_segmenter(args) -> WebSegmenter:
-    """Resolve and load the checkpoint once (the released one, downloaded when missing, unless --init_model)."""
-    from common.download import SEGCLIP_FILENAME, DownloadError, default_cache_dir, resolve_segclip_checkpoint
-    from modules.checkpoint import load_segclip, segclip_checkpoint_keys
+    """Load the model once, as main_seg_vis.py does (``load_demo_model``): SegCLIP from --init_model or the
+    released checkpoint (downloaded when missing), or the CLIP of --pretrained_clip_name for sclip / clip."""
+    from common.download import SEGCLIP_FILENAME, DownloadError, default_cache_dir
+    from seg_segmentation.visualize import load_demo_model
     device = cli.resolve_device(args.device)
     released_path = default_cache_dir(args.cache_dir) / SEGCLIP_FILENAME
     try:
-        ckpt = resolve_segclip_checkpoint(args.init_model, cache_dir=args.cache_dir, progress=not args.no_progress,
-                                          expected_keys=segclip_checkpoint_keys)
+        model, head, ckpt = load_demo_model(args, device)
     except DownloadError as e:
+        if args.method != "segclip" or args.init_model is not None:
+            raise
         raise DemoSetupError(f"the released SegCLIP checkpoint {released_path} is missing and could not be fetched: "
                              f"{e}\nOr start the demo with any SegCLIP checkpoint: python demo/app.py --init_model "
                              f"PATH (e.g. the quickstart's output/quickstart/train/pytorch_model.bin.1)") from None
-    model = load_segclip(ckpt, device=device, use_vision_mae_recon=False, precision=args.precision)
-    if args.first_stage_layer is not None and args.first_stage_layer != model.config.first_stage_layer:
-        raise UsageError(f"--first_stage_layer {args.first_stage_layer} does not match the checkpoint "
-                         f"({model.config.first_stage_layer}); leave the flag out")
-    released = args.init_model is None or Path(ckpt).resolve() == released_path.resolve()
-    return WebSegmenter(model, Path(ckpt), released, device, crop=args.crop_size, stride=args.stride,
-                        resolution=args.resolution, max_image_pixels=args.max_image_pixels)
+    released = args.method == "segclip" and Path(ckpt).resolve() == released_path.resolve()
+    return WebSegmenter(model, ckpt, released, device, crop=args.crop_size, stride=args.stride,
+                        resolution=args.resolution, max_image_pixels=args.max_image_pixels, method=args.method,
+                        head=head, templates=args.templates, weights=args.pretrained_clip_name)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -198,6 +227,9 @@ def shares_html(summary: Dict) -> str:
 
 
 def model_line(seg: WebSegmenter) -> str:
+    if not seg.has_centers:
+        return (f"Model: `--method {seg.method}`, the plain CLIP `{seg.weights}` on {seg.device} (training-free: "
+                "no learnable centers, so no center view).")
     cfg = seg.model.config
     where = f"`{seg.checkpoint}` on {seg.device}"
     if seg.released:
@@ -249,7 +281,8 @@ def build_page(seg: WebSegmenter, examples_dir: Path = EXAMPLES_DIR):
         s = r["summary"]
         status = (f"Segmented **{html.escape(Path(photo).name)}** ({s['width']}×{s['height']}) with "
                   f"{len(s['vocabulary'])} labels in {r['seconds']:.2f} s on {seg.device}.")
-        return (str(r["overlay"]), str(r["groups"]), shares_html(s), [str(r["label_png"]), str(r["json"])], status)
+        groups = str(r["groups"]) if r["groups"] is not None else None
+        return (str(r["overlay"]), groups, shares_html(s), [str(r["label_png"]), str(r["json"])], status)
 
     def error_md(message: str) -> str:
         return f'<span class="error-status">⚠ {html.escape(message)}</span>'
@@ -260,8 +293,9 @@ def build_page(seg: WebSegmenter, examples_dir: Path = EXAMPLES_DIR):
         names = [n.strip() for n in txt.read_text().splitlines() if n.strip()] if txt.is_file() else []
         examples.append([str(jpg), ", ".join(names)])
 
+    title = "SegCLIP" if seg.method == "segclip" else f"{seg.method.upper()} (training-free CLIP)"
     with gr.Blocks(title="SegCLIP web demo", analytics_enabled=False) as page:
-        gr.Markdown("## SegCLIP: segment a photo with your own words\n" + model_line(seg))
+        gr.Markdown(f"## {title}: segment a photo with your own words\n" + model_line(seg))
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=320):
                 photo = gr.File(label="Photo (drop an image file here or click to upload)", file_types=["image"],
@@ -269,13 +303,17 @@ def build_page(seg: WebSegmenter, examples_dir: Path = EXAMPLES_DIR):
                 shown = gr.Image(label="Your photo", interactive=False, elem_id="preview", height=260,
                                  buttons=[])
                 classes = gr.Textbox(label="Class names, comma separated", placeholder="cat, wall, floor",
-                                     lines=1, elem_id="classes")
+                                     lines=1, max_lines=10, elem_id="classes",
+                                     info="or one class per line with its synonyms after commas, as in a "
+                                          "--classes_file (\"cat, kitten\"); Shift+Enter starts a new line")
                 with gr.Row():
                     background = gr.Checkbox(value=True, label="background", elem_id="background",
                                              info="label pixels no class is sure of as background")
+                    # sclip / clip name background by the word 'background' and --prob_thd, not by a threshold
                     bg_thresh = gr.Slider(0.0, 1.0, value=DEFAULT_BG_THRESH, step=0.01, elem_id="bg_thresh",
-                                          label="background threshold", info="higher = more background")
-                templates = gr.Dropdown(sorted(TEMPLATES), value="simple", label="prompt templates",
+                                          label="background threshold", info="higher = more background",
+                                          visible=seg.has_centers)
+                templates = gr.Dropdown(sorted(TEMPLATES), value=seg.templates, label="prompt templates",
                                         elem_id="templates")
                 go = gr.Button("Segment", variant="primary", elem_id="segment")
                 gr.Examples(examples, inputs=[photo, classes], label="Examples (demo/examples)",
@@ -283,8 +321,10 @@ def build_page(seg: WebSegmenter, examples_dir: Path = EXAMPLES_DIR):
             with gr.Column(scale=3, min_width=420):
                 status = gr.Markdown(elem_id="status")
                 with gr.Row():
-                    overlay = gr.Image(label="Labels", interactive=False, elem_id="overlay", buttons=["fullscreen"], height=340)
-                    groups = gr.Image(label=f"Center assignment ({seg.model.config.num_centers} centers)",
+                    overlay = gr.Image(label="Labels", interactive=False, elem_id="overlay", buttons=["fullscreen"],
+                                       height=340)
+                    groups = gr.Image(label=f"Center assignment ({seg.model.config.num_centers} centers)"
+                                      if seg.has_centers else "Center assignment", visible=seg.has_centers,
                                       interactive=False, elem_id="groups", buttons=["fullscreen"], height=340)
                 shares = gr.HTML(elem_id="shares", label="Pixel shares")
                 files = gr.File(label="Download: label PNG (pixel = label id) and JSON", file_count="multiple",

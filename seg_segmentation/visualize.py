@@ -140,6 +140,36 @@ class SegmentationDemo:
         return Prediction(labels, label_summary(labels, self.label_names, self.palette), groups)
 
 
+def load_demo_model(args, device):
+    """The model the demo flags ask for (common/cli.py's checkpoint, method and inference groups), read once ->
+    (model, head settings for SegmentationDemo, checkpoint path or None). main_seg_vis.py and demo/app.py both
+    call this, so the page and the command line segment with the same model.
+
+    segclip: ``--init_model`` (the released checkpoint, downloaded when missing, when absent). sclip / clip: the
+    plain CLIP of ``--pretrained_clip_name`` with ``--dataset``'s SCLIP head preset (voc for your own classes)."""
+    from modules.checkpoint import load_segclip, segclip_checkpoint_keys
+    from common.download import resolve_segclip_checkpoint
+    head = dict(pamr_steps=args.pamr_steps, pamr_dilations=tuple(args.pamr_dilations))
+    if args.method == "segclip":
+        ckpt = resolve_segclip_checkpoint(args.init_model, cache_dir=args.cache_dir, progress=not args.no_progress,
+                                          expected_keys=segclip_checkpoint_keys)
+        model = load_segclip(ckpt, device=device, use_vision_mae_recon=False, precision=args.precision)
+        if args.first_stage_layer is not None and args.first_stage_layer != model.config.first_stage_layer:
+            raise UsageError(f"--first_stage_layer {args.first_stage_layer} does not match the checkpoint "
+                             f"({model.config.first_stage_layer}); leave the flag out")
+        return model, head, Path(ckpt)
+    from modules.checkpoint import load_clip
+    from modules.precision import set_precision
+    from .dense import head_settings
+    if args.init_model is not None:
+        raise UsageError(f"--init_model is a SegCLIP checkpoint; --method {args.method} runs the CLIP of "
+                         "--pretrained_clip_name")
+    model = set_precision(load_clip(args.pretrained_clip_name, cache_dir=args.cache_dir, device=device,
+                                    activation=args.clip_activation), args.precision).eval()
+    head.update(head_settings(args.dataset, args.logit_scale, args.prob_thd, args.area_thd))
+    return model, head, None
+
+
 def run_visualization(demo: SegmentationDemo, inputs: Sequence[Path], output_dir: Path,
                       modes: Sequence[str] = ("input_pred_label",), progress: bool = True,
                       max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> Dict:

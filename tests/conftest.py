@@ -48,3 +48,13 @@ def tiny_checkpoint(reference, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "tiny_segclip.bin"
     torch.save(reference["segclip_state_dict"], path)
     return path
+
+
+@pytest.fixture(scope="session")
+def clip_file(reference, tmp_path_factory) -> Path:
+    """The SCLIP fixture's CLIP (224 px, 4 blocks) as a plain OpenAI-layout state-dict file (--method sclip/clip)."""
+    sd = {k: v for k, v in reference["clip_state_dict"].items() if not k.startswith("visual.")}
+    sd.update(torch.load(SCLIP_REFERENCE_PT, map_location="cpu", weights_only=True)["visual_state_dict"])
+    path = tmp_path_factory.mktemp("clip") / "tiny_clip.pt"
+    torch.save(sd, path)
+    return path

@@ -10,22 +10,11 @@ import torch
 from PIL import Image
 
 from tests.helpers import write_fake_dataset
-from tests.conftest import SCLIP_REFERENCE_PT
 from tests.test_eval_cli import run_cli
 
 NAMES = Path(__file__).resolve().parents[1] / 'seg_segmentation' / 'names'
 FAST = ['--resolution', '224', '--crop_size', '224', '--stride', '112', '--num_workers', '0', '--no_progress',
         '--device', 'cpu']
-
-
-@pytest.fixture(scope='module')
-def clip_file(reference, tmp_path_factory):
-    """The SCLIP fixture's CLIP (224 px, 4 blocks) as a plain OpenAI-layout state-dict file."""
-    sd = {k: v for k, v in reference['clip_state_dict'].items() if not k.startswith('visual.')}
-    sd.update(torch.load(SCLIP_REFERENCE_PT, map_location='cpu', weights_only=True)['visual_state_dict'])
-    path = tmp_path_factory.mktemp('clip') / 'tiny_clip.pt'
-    torch.save(sd, path)
-    return path
 
 
 @pytest.fixture(scope='module')

@@ -182,10 +182,11 @@ def _full_page_screenshot(driver, path: Path):
 
 
 def _run_cli(repo_root, checkpoint, photo, classes, out, *extra):
-    proc = subprocess.run([sys.executable, str(repo_root / "main_seg_vis.py"), "--init_model", str(checkpoint),
-                           "--input", str(photo), "--classes", classes, "--output_dir", str(out), "--no_progress",
-                           "--device", "cpu", *extra], cwd=repo_root, env=dict(os.environ, SEGCLIP_OFFLINE="1"),
-                          capture_output=True, text=True, timeout=300)
+    model = ["--init_model", str(checkpoint)] if checkpoint is not None else []
+    proc = subprocess.run([sys.executable, str(repo_root / "main_seg_vis.py"), *model, "--input", str(photo),
+                           "--classes", classes, "--output_dir", str(out), "--no_progress", "--device", "cpu", *extra],
+                          cwd=repo_root, env=dict(os.environ, SEGCLIP_OFFLINE="1"), capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr
     return out / "labels"
 
@@ -327,6 +328,40 @@ def test_old_results_are_removed(segmenter, repo_root, monkeypatch):
         last = segmenter.segment(photo, "cat")
     assert not first["label_png"].exists() and last["label_png"].exists()
     assert len(list(segmenter.work_dir.iterdir())) == 2
+
+
+def test_synonym_lines_are_a_classes_file(segmenter, repo_root, tiny_checkpoint, tmp_path):
+    """Several lines in the names box = a --classes_file: a class per line, its synonyms after commas."""
+    chelsea = repo_root / "demo" / "examples" / "chelsea.jpg"
+    text = "cat, kitten\n\nwall, brick wall\nfloor\n"
+    r = segmenter.segment(str(chelsea), text)
+    assert r["summary"]["vocabulary"] == ["background", "cat", "wall", "floor"]
+    (tmp_path / "names.txt").write_text(text)
+    proc = subprocess.run([sys.executable, str(repo_root / "main_seg_vis.py"), "--init_model", str(tiny_checkpoint),
+                           "--input", str(chelsea), "--classes_file", str(tmp_path / "names.txt"), "--output_dir",
+                           str(tmp_path / "cli"), "--no_progress", "--device", "cpu"], cwd=repo_root,
+                          env=dict(os.environ, SEGCLIP_OFFLINE="1"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    _same_label_png(r["label_png"].read_bytes(), tmp_path / "cli" / "labels" / "chelsea.png", tmp_path)
+    with pytest.raises(app.PageInputError, match="duplicate class name .Kitten."):
+        segmenter.segment(str(chelsea), "cat, kitten\nKitten\n")
+
+
+def test_method_sclip_is_the_clis(clip_file, repo_root, tmp_path):
+    """--method sclip: the plain CLIP with SCLIP's head, the same labels as main_seg_vis.py; no center view."""
+    chelsea = repo_root / "demo" / "examples" / "chelsea.jpg"
+    args = app.get_args(["--method", "sclip", "--pretrained_clip_name", str(clip_file), "--device", "cpu",
+                         "--resolution", "224"])
+    seg = app.load_segmenter(args)
+    try:
+        assert not seg.has_centers and "--method sclip" in app.model_line(seg)
+        r = seg.segment(str(chelsea), "cat, wall, floor")
+        assert r["groups"] is None and r["summary"]["vocabulary"] == ["background", "cat", "wall", "floor"]
+        cli = _run_cli(repo_root, None, chelsea, "cat, wall, floor", tmp_path / "cli", "--method", "sclip",
+                       "--pretrained_clip_name", str(clip_file), "--resolution", "224")
+        _same_label_png(r["label_png"].read_bytes(), cli / "chelsea.png", tmp_path)
+    finally:
+        seg.close()
 
 
 @pytest.fixture()
