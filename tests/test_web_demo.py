@@ -205,7 +205,7 @@ def _summary_without_path(payload):
     return {k: v for k, v in payload.items() if k != "image"}
 
 
-@pytest.mark.slow   # 30-50 s on 2 busy cores, most of it starting gradio and chromium
+@pytest.mark.slow   # 16 s (load 5) to 47 s (load 13) on the 2-core machine; a third is starting the app
 def test_browser_upload_segment_download_and_bad_input(server, browser, repo_root, tiny_checkpoint, tmp_path):
     from selenium.webdriver.common.by import By
     chelsea = repo_root / "demo" / "examples" / "chelsea.jpg"
