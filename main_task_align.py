@@ -225,6 +225,8 @@ def main(argv=None) -> int:
         model = build_model(args)
 
         from dataloaders.pretrain import build_pretrain_dataset
+        from dataloaders.workers import set_main_process_threads
+        set_main_process_threads(args.num_thread_reader)   # this process's cores minus its loader workers
         try:   # after the model: the superpixel patch grid is the model's
             dataset = build_pretrain_dataset(args, patch_size=model.patch_size)
         except ValueError as e:                   # dataloaders.pretrain reports bad data flags as ValueError

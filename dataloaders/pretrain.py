@@ -2,7 +2,9 @@
 
 ``--datatype cc,coco`` concatenates the CC3M and COCO stores into one map-style Dataset (use it with a
 DistributedSampler). ``--datatype wds`` streams img2dataset shards instead and returns an IterableDataset
-(no sampler; call ``dataset.set_epoch(e)`` each epoch; ``len(dataset)`` is samples per rank).
+(no sampler; call ``dataset.set_epoch(e)`` each epoch and ``dataset.set_batch_size(B)`` once, which returns the
+exact batches per epoch; ``len(dataset)`` is samples per rank). The superpixel patch grid is the model's: pass
+``patch_size=model.patch_size``.
 The training script owns ``--max_words``, ``--use_seglabel``, ``--seed`` and ``--batch_size``.
 """
 import argparse

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from common.errors import SegCLIPError
-from dataloaders.workers import init_loader_worker, set_main_process_threads
+from dataloaders.workers import init_loader_worker
 
 from .distributed import DistEnv
 
@@ -143,7 +143,6 @@ def build_train_data(dataset, local_batch: int, env: DistEnv, *, seed: int, accu
     """DataLoader + epoch layout for a map-style dataset (seeded, sharded by GlobalBatchSampler) or an
     IterableDataset that shards itself across ranks (``len()`` = samples per rank, or ``steps_per_epoch``)."""
     loader_gen = torch.Generator().manual_seed(seed)   # keeps DataLoader from drawing on the global RNG
-    set_main_process_threads(num_workers)              # the cores the loader workers leave free
     common = dict(batch_size=local_batch, num_workers=num_workers, drop_last=True, generator=loader_gen,
                   pin_memory=pin_memory and env.device.type == "cuda",
                   worker_init_fn=init_train_worker if num_workers > 0 else None)

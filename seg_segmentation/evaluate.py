@@ -22,6 +22,7 @@ import torch.distributed as dist
 from common.errors import SegCLIPError, UsageError
 from common.images import DEFAULT_MAX_IMAGE_PIXELS
 from common.ranks import rank_and_world
+from dataloaders.workers import init_loader_worker
 from modules.precision import model_precision
 from . import mmcv_compat  # noqa: F401
 from .classes import BG_THRESH, DATASET_CLASSES, has_background, validate_class_names
@@ -203,7 +204,7 @@ def make_loader(shard: ZeroShotSegDataset, cfg: EvalConfig, device: torch.device
     pinned memory, so each whole image reaches the GPU by an asynchronous copy (the crops are cut there)."""
     return torch.utils.data.DataLoader(shard, batch_size=1, shuffle=False, num_workers=cfg.num_workers,
                                        collate_fn=collate_list, pin_memory=device.type == 'cuda',
-                                       persistent_workers=False)
+                                       persistent_workers=False, worker_init_fn=init_loader_worker)
 
 
 def predict_shard(seg: ZeroShotSegmentor, shard: ZeroShotSegDataset, cfg: EvalConfig, num_classes: int,

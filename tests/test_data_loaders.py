@@ -397,3 +397,25 @@ def test_image_size_flag_sets_crop_and_patch_grid(tiny):
     # the patch grid is the model's: a patch-32 model gets a 2x2 grid on 64-pixel crops
     ds32 = build_pretrain_dataset(ns(**{**tiny["args"], "image_size": 64}, use_seglabel=True), patch_size=32)
     assert ds32[0]["superpixels"].shape == (2, 2)
+
+
+class _ThreadProbe(torch.utils.data.Dataset):
+    """Items report the thread pools of the process that loads them."""
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        import cv2
+        return torch.tensor([torch.get_num_threads(), cv2.getNumThreads()])
+
+
+def test_loader_workers_run_one_thread_and_the_main_process_the_rest(monkeypatch):
+    from dataloaders.workers import available_cores, init_loader_worker, main_process_threads
+    loader = DataLoader(_ThreadProbe(), batch_size=1, num_workers=2, worker_init_fn=init_loader_worker)
+    assert all(b.tolist() == [[1, 1]] for b in loader)  # torch (OpenMP) and OpenCV: one thread per worker
+    cores = available_cores()
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert main_process_threads(0) == cores and main_process_threads(cores + 3) == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun: 2 processes share this machine's cores
+    assert main_process_threads(1) == max(1, cores // 2 - 1) == main_process_threads(1, local_world_size=2)
