@@ -43,6 +43,10 @@ def build_parser():
     g.add_argument("--use_vision_mae_recon", action="store_true", help="add the MAE reconstruction loss")
     g.add_argument("--mae_vis_mask_ratio", type=float, default=0.75, help="fraction of patches the MAE pass removes")
     g.add_argument("--use_seglabel", action="store_true", help="add the superpixel KL loss (needs superpixel data)")
+    g.add_argument("--plain_clip", action="store_true",
+                   help="train as a plain CLIP: the center block is skipped, the visual tokens are max-pooled, "
+                        "contrastive loss only, patch embedding not frozen (a CLIP pretraining stage for a world without a "
+                        "pretrained CLIP; its pytorch_model.bin.N is then the --init_model of the SegCLIP stage)")
     g.add_argument("--freeze_layer_num", type=int, default=0,
                    help="freeze the visual and text blocks below this index (0..12); -1 disables the freezing loop. "
                         "0 still freezes the embeddings, conv1 and ln_pre (2022 behaviour)")
@@ -117,6 +121,9 @@ def get_args(argv=None):
         raise UsageError("nothing to do: pass --do_pretrain")
     if args.resume_model and args.resume:
         raise UsageError("give either --resume_model FILE or --resume auto, not both")
+    if args.plain_clip and args.use_seglabel:
+        raise UsageError("--plain_clip trains without centers, so the superpixel loss has nothing to act on: "
+                         "drop --use_seglabel")
     cli.check_positive(args, "batch_size", "epochs", "gradient_accumulation_steps", "max_words", "eval_max_images")
     return args
 
@@ -160,11 +167,13 @@ def build_model(args):
     model = SegCLIP.from_clip(load_clip_state_dict(args.pretrained_clip_name, cache_dir=args.cache_dir),
                               first_stage_layer=args.first_stage_layer,
                               use_vision_mae_recon=args.use_vision_mae_recon, use_seglabel=args.use_seglabel,
-                              mae_mask_ratio=args.mae_vis_mask_ratio)
+                              mae_mask_ratio=args.mae_vis_mask_ratio, plain_clip=args.plain_clip)
     if args.init_model:
         load_into(model, load_state_dict_file(args.init_model), strict=True)
         logger.info("loaded --init_model %s", args.init_model)
-    frozen = apply_freezing(model, args.freeze_layer_num, args.freeze_text_layer_num)
+    # A plain-CLIP stage is CLIP's own pretraining: no inherited patch embedding to keep (2022 froze it always).
+    frozen = apply_freezing(model, args.freeze_layer_num, args.freeze_text_layer_num,
+                            freeze_patch_embed=not args.plain_clip)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("parameters: %.2fM trainable, %.2fM total; frozen tensors: %s", n_train / 1e6,
                 sum(p.numel() for p in model.parameters()) / 1e6, ", ".join(frozen))

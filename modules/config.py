@@ -29,6 +29,9 @@ class SegCLIPConfig:
     use_vision_mae_recon: bool = True
     use_seglabel: bool = True
     mae_mask_ratio: float = 0.75
+    # Training mode, not a size: the center block is skipped and the model trains as a plain CLIP (contrastive loss
+    # only) - a CLIP pretraining stage before SegCLIP's, when no pretrained CLIP exists (the offline quickstart).
+    plain_clip: bool = False
 
     def __post_init__(self):
         if self.decoder_width is None:

@@ -112,6 +112,13 @@ class VisionTransformer(ViTBase):
     def forward(self, images: torch.Tensor, gumbel_noise: Optional[torch.Tensor] = None) -> ImageOutput:
         return self.forward_patches(self.embed(images)[:, 1:], gumbel_noise)  # the class token is never used
 
+    def forward_plain(self, patches: torch.Tensor) -> torch.Tensor:
+        """Plain CLIP pass (center block skipped): every visual block on the patch tokens [B, L, W], max-pooled over
+        them as ``forward_patches`` pools the groups -> image_embed [B, D]. Training the same blocks, pooling and
+        projection as a CLIP first gives the SegCLIP stage a CLIP whose tokens already carry text concepts."""
+        x = run_blocks(self.transformer.layers2, run_blocks(self.transformer.layers0, patches))   # [B, L, W]
+        return self.ln_post(x.max(dim=1).values) @ self.proj.to(x.dtype)
+
 
 class CLIP(nn.Module):
     """``clip``: OpenAI CLIP's text tower + a visual tower (SegCLIP's by default; plain CLIP's in ``modules.clip``)."""
@@ -270,13 +277,18 @@ class SegCLIP(nn.Module):
         """design.md §4.  input_ids [B, T]; images [B, 3, H, W]; superpixels [B, h, w] patch labels;
         gumbel_noise = (full pass [B, G, L], MAE pass [B, G, K]); mae_noise [B, 1+L].
 
-        Returns 'contrastive', 'kl', 'mae' (the terms that are on) and 'total'. No attention mask: CLIP's causal
+        Returns 'contrastive', 'kl', 'mae' (the terms that are on) and 'total'; with ``config.plain_clip`` only
+        'contrastive' and 'total', from ``VisionTransformer.forward_plain``. No attention mask: CLIP's causal
         mask and EOT pooling ignore the padding already. The loss functions run in fp32 outside autocast.
         """
         full_noise, mae_pass_noise = (gumbel_noise if gumbel_noise is not None else (None, None))
         visual = self.clip.visual
         text = self.encode_text(input_ids)                                    # [B, D]
         tokens = visual.embed(images)                                         # [B, 1+L, W], shared by both passes
+        if self.config.plain_clip:   # CLIP pretraining stage: no centers, so no superpixel or MAE term
+            image_embed = visual.forward_plain(tokens[:, 1:])
+            loss = contrastive_loss(image_embed, text, self.logit_scale_value())
+            return {"contrastive": loss, "total": loss}
         out = visual.forward_patches(tokens[:, 1:], full_noise)
         losses = {"contrastive": contrastive_loss(out.image_embed, text, self.logit_scale_value())}
 

@@ -54,6 +54,7 @@ BACKGROUNDS = [
 # Label ids: 0..4 the shapes, 5..8 the backgrounds (no 'background' line: every pixel has a named class).
 CLASS_NAMES = [c[0] for c in CLASSES] + [b[0] for b in BACKGROUNDS]
 NUM_SHAPES = len(CLASSES)
+SHAPE_RADIUS = (0.14, 0.24)   # outer radius of a shape, fraction of the image side
 
 # Caption templates: several phrasings so the text tower learns the nouns rather than one sentence; the
 # zero-shot default template "a photo of a {}." appears among them.
@@ -116,8 +117,11 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float, rot: float):
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def make_sample(rng: np.random.Generator, size: int = 128, max_objects: int = 3) -> Sample:
-    """One image with 1..max_objects objects of distinct classes, its label map and a caption naming them."""
+def make_sample(rng: np.random.Generator, size: int = 128, max_objects: int = 3,
+                radius: tuple = SHAPE_RADIUS) -> Sample:
+    """One image with 1..max_objects objects of distinct classes, its label map and a caption naming them.
+
+    radius: (low, high) outer radius of a shape as a fraction of ``size``, drawn uniformly."""
     n = int(rng.integers(1, max_objects + 1))
     class_ids = [int(c) for c in rng.choice(len(CLASSES), size=n, replace=False)]
     kind = int(rng.integers(len(BACKGROUNDS)))
@@ -126,7 +130,7 @@ def make_sample(rng: np.random.Generator, size: int = 128, max_objects: int = 3)
     placed = []  # (cx, cy, r): rejection sampling keeps objects mostly apart so each stays visible
     for k in class_ids:
         for _ in range(50):
-            r = rng.uniform(0.14, 0.24) * size
+            r = rng.uniform(*radius) * size
             cx, cy = rng.uniform(r, size - r, size=2)
             if all(math.hypot(cx - x, cy - y) > 0.8 * (r + q) for x, y, q in placed):
                 break
@@ -165,7 +169,8 @@ def _jpeg_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def write_train_shards(out_dir: str, num: int, size: int, seed: int, shard_size: int = 1000) -> list[str]:
+def write_train_shards(out_dir: str, num: int, size: int, seed: int, shard_size: int = 1000,
+                       radius: tuple = SHAPE_RADIUS, max_objects: int = 3) -> list[str]:
     """img2dataset-style webdataset shards ``out_dir/NNNNN.tar``; returns the shard paths."""
     os.makedirs(out_dir, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -177,7 +182,7 @@ def write_train_shards(out_dir: str, num: int, size: int, seed: int, shard_size:
                 tar.close()
             paths.append(os.path.join(out_dir, f"{shard:05d}.tar"))
             tar = tarfile.open(paths[-1], "w")
-        s = make_sample(rng, size)
+        s = make_sample(rng, size, max_objects, radius)
         key = f"{shard:05d}{idx:04d}"
         meta = {"caption": s.caption, "key": key, "status": "success", "width": size, "height": size}
         for ext, data in (("jpg", _jpeg_bytes(s.image)), ("json", json.dumps(meta).encode()),
@@ -190,7 +195,8 @@ def write_train_shards(out_dir: str, num: int, size: int, seed: int, shard_size:
     return paths
 
 
-def write_voc_split(out_dir: str, num: int, size: int, seed: int) -> str:
+def write_voc_split(out_dir: str, num: int, size: int, seed: int, radius: tuple = SHAPE_RADIUS,
+                    max_objects: int = 3) -> str:
     """A VOC-layout split with per-pixel labels and ``classes.txt``; returns ``out_dir``."""
     for sub in ("JPEGImages", "SegmentationClass", os.path.join("ImageSets", "Segmentation")):
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
@@ -198,7 +204,7 @@ def write_voc_split(out_dir: str, num: int, size: int, seed: int) -> str:
     palette = voc_palette().flatten().tolist()
     names = []
     for i in tqdm(range(num), desc="val split", unit="img"):
-        s = make_sample(rng, size)
+        s = make_sample(rng, size, max_objects, radius)
         name = f"val_{i:05d}"
         s.image.save(os.path.join(out_dir, "JPEGImages", name + ".jpg"), quality=92)
         png = Image.fromarray(s.label, "P")
@@ -274,6 +280,9 @@ def build_parser():
     p.add_argument("--num_val", type=int, default=40, help="images with per-pixel labels in the val split")
     p.add_argument("--size", type=int, default=128, help="side of the square images in pixels")
     p.add_argument("--shard_size", type=int, default=1000, help="samples per train .tar shard")
+    p.add_argument("--shape_radius", type=float, nargs=2, default=SHAPE_RADIUS, metavar=("LOW", "HIGH"),
+                   help="outer radius of a shape as a fraction of --size, drawn uniformly in [LOW, HIGH]")
+    p.add_argument("--max_objects", type=int, default=3, help="shapes per image: 1..N, of distinct classes")
     p.add_argument("--seed", type=int, default=0, help="train uses seed, val uses seed + 1 (disjoint draws)")
     p.add_argument("--clip", default=None, metavar="FILE",
                    help="also write a random CLIP state dict (OpenAI layout) to FILE, relative to --output_dir")
@@ -296,8 +305,9 @@ def main(argv=None):
         raise UsageError("--num_train and --num_val must be >= 1 and --size >= 32")
     cli.check_writable_dir(args.output_dir, "--output_dir")
     train = write_train_shards(os.path.join(args.output_dir, "train"), args.num_train, args.size, args.seed,
-                               args.shard_size)
-    val = write_voc_split(os.path.join(args.output_dir, "val"), args.num_val, args.size, args.seed + 1)
+                               args.shard_size, tuple(args.shape_radius), args.max_objects)
+    val = write_voc_split(os.path.join(args.output_dir, "val"), args.num_val, args.size, args.seed + 1,
+                          tuple(args.shape_radius), args.max_objects)
     print(f"wrote {args.num_train} train pairs in {len(train)} shard(s) under {os.path.dirname(train[0])}")
     print(f"wrote {args.num_val} val images (VOC layout, {len(CLASS_NAMES)} classes) under {val}")
     if args.clip:

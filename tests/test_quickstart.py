@@ -111,43 +111,83 @@ def test_cli_help_and_bad_args(repo_root):
     r = subprocess.run([sys.executable, "-m", "preprocess.synthetic", "--help"], cwd=repo_root,
                        capture_output=True, text=True)
     assert r.returncode == 0 and "--num_val" in r.stdout and "--clip_resolution" in r.stdout
+    # run as a file from another folder too, like every other script (the package is installed)
+    r = subprocess.run([sys.executable, str(repo_root / "preprocess" / "synthetic.py"), "--help"], cwd=repo_root.parent,
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "--shape_radius" in r.stdout
     r = subprocess.run([sys.executable, "-m", "preprocess.synthetic", "--output_dir", "x", "--num_train", "0"],
                        cwd=repo_root, capture_output=True, text=True)
     assert r.returncode != 0 and "error" in r.stderr and "Traceback" not in r.stderr
 
 
-# The issue's criterion: trained mIoU >= 2x untrained (overall, all classes). The world names its backgrounds (grass,
-# sand, water, brick) in the captions and labels them as classes, so evaluation has no background threshold and the
-# untrained model sits near chance. Measured with the defaults (seed 42, 2000 pairs, 124 steps at 224 px, scored by
-# main_seg_zeroshot.py, 9 classes): trained 29.61 vs untrained 8.68 (chance 3.60 majority class / 4.68 random),
-# 115 s. The floor is that measurement minus 9.6 points (CPU training is not bit-reproducible; the old world moved
-# +-1 point between runs) and is still > 2x the untrained model. Most of the gain is on the background classes
-# (shapes-only mIoU 2.17 vs 0.53 untrained), which is not asserted: too small and noisy at this budget.
-MIOU_FLOOR = 20.0
+# Issue 14's bar: the default quickstart segments the shapes (shapes-only mIoU >= 25) and the scene (all 9 classes
+# >= 40) on the held-out split, scored by main_seg_zeroshot.py. Measured numbers, their spread over seeds and the
+# margins of these floors: docs/quickstart.md ("Measured numbers"). CPU training is seeded but not bit-reproducible
+# (loader thread scheduling), hence floors below the measured values.
+MIOU_FLOOR = 30.0
+SHAPES_MIOU_FLOOR = 15.0
 
 
 @pytest.mark.slow
-def test_quickstart_runs_end_to_end_and_doubles_untrained_miou(repo_root, tmp_path):
+def test_quickstart_segments_the_shapes(repo_root, tmp_path):
     out = tmp_path / "qs"
     r = subprocess.run([sys.executable, str(repo_root / "demo" / "quickstart.py"), "--output_dir", str(out),
                         "--seed", "42", "--num_vis", "2"], cwd=repo_root,
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    miou = summary["mIoU"]
+    miou, shapes = summary["mIoU"], summary["shapes_mIoU"]
     assert all(0 <= v <= 100 for v in miou.values()), miou
-    assert miou["trained"] >= 2 * miou["untrained"], miou
-    assert miou["trained"] >= MIOU_FLOOR, miou
-    # the contrastive loss went down, every logged step has all three losses
+    assert miou["trained"] >= MIOU_FLOOR and shapes["trained"] >= SHAPES_MIOU_FLOOR, (miou, shapes)
+    # the SegCLIP stage is what segments: well above its starting point (the CLIP stage with fresh centers) and
+    # the untrained model
+    assert shapes["trained"] >= shapes["clip_stage"] + 5 and shapes["trained"] >= shapes["untrained"] + 10
+    # loss curves of both stages from metrics.jsonl: the CLIP stage has only the contrastive term, the SegCLIP
+    # stage all three; the contrastive loss fell in the CLIP stage
     curve = summary["loss_curve"]
-    assert len(curve) >= 5 and all({"contrastive", "kl", "mae"} <= set(c) for c in curve)
-    assert curve[-1]["contrastive"] < curve[0]["contrastive"] - 0.3
-    # the scores are main_seg_zeroshot.py's (run as a subprocess on the synthetic split with its own class list)
-    for name in ("trained", "untrained"):
-        res = json.loads((out / f"zeroshot_{name}.json").read_text())
-        assert res["mIoU"] == miou[name] and list(res["per_class"]) == synthetic.CLASS_NAMES and res["num_classes"] == 9
-    # the real scripts wrote their outputs: checkpoint, store, superpixels, pictures
-    assert (out / "train" / "pytorch_model.bin.1").is_file()
+    clip = [c for c in curve if c["stage"] == "clip"]
+    seg = [c for c in curve if c["stage"] == "segclip"]
+    assert len(clip) >= 5 and len(seg) >= 5 and all("kl" not in c and "mae" not in c for c in clip)
+    assert all({"contrastive", "kl", "mae"} <= set(c) for c in seg)
+    assert clip[-1]["contrastive"] < clip[0]["contrastive"] - 1.0
+    assert [c["step"] for c in curve] == sorted(c["step"] for c in curve)
+    # mIoU per SegCLIP epoch (0 = its start); the last is the trained model; each is main_seg_zeroshot.py's result
+    per_epoch = summary["mIoU_per_epoch"]
+    assert [m["epoch"] for m in per_epoch] == list(range(summary["trained"]["epochs"] + 1))
+    assert per_epoch[-1]["mIoU"] == miou["trained"] and per_epoch[0]["mIoU"] == miou["clip_stage"]
+    for name, key in (("untrained", "untrained"), (f"epoch{len(per_epoch) - 1}", "trained"), ("epoch0", "clip_stage")):
+        res = json.loads((out / "zeroshot" / f"{name}.json").read_text())
+        assert res["mIoU"] == miou[key] and list(res["per_class"]) == synthetic.CLASS_NAMES and res["num_classes"] == 9
+    with Image.open(out / "curves.png") as im:
+        assert im.format == "PNG" and im.size[0] > 400
+    # the real scripts wrote their outputs: both stages' checkpoints, store, superpixels, pictures at start and end
+    assert (out / "train_clip" / "pytorch_model.bin.0").is_file() and (out / "train" / "pytorch_model.bin.0").is_file()
     assert any((out / "store").glob("superpixels_*.lmdb"))
-    pics = sorted((out / "vis" / "vis_imgs" / "input_pred_label").glob("*.jpg"))
-    assert len(pics) == 2 and "untrained" in r.stdout and "trained" in r.stdout
+    for when in ("start", "end"):
+        for mode in ("input_pred_label", "all_groups"):
+            assert len(list((out / "vis" / when / "vis_imgs" / mode).glob("*.jpg"))) == 2, (when, mode)
+    assert "shapes only" in r.stdout
+
+
+def _quickstart_module(repo_root):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("quickstart", repo_root / "demo" / "quickstart.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quickstart_presets_and_bad_flags(repo_root, capsys):
+    qs = _quickstart_module(repo_root)
+    default, long = qs.get_args([]), qs.get_args(["--preset", "long"])
+    for k, v in qs.PRESETS["default"].items():
+        assert getattr(default, k) == v
+    for k, v in qs.PRESETS["long"].items():
+        assert getattr(long, k) == v
+    assert qs.PRESETS["long"] != qs.PRESETS["default"]
+    assert qs.get_args(["--preset", "long", "--epochs", "1"]).epochs == 1   # a flag given wins over the preset
+    assert qs.get_args(["--clip_epochs", "0"]).clip_epochs == 0             # SegCLIP from the random CLIP
+    for bad in (["--train_size", "100"], ["--num_train", "8"], ["--clip_epochs", "-1"], ["--preset", "huge"]):
+        assert qs.main(bad) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, (bad, err)
