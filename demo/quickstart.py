@@ -1,6 +1,6 @@
 """Offline quickstart: train a tiny CLIP, then a tiny SegCLIP from it, on a generated shapes world; measure that it segments.
 
-    python demo/quickstart.py --output_dir output/quickstart [--preset long]
+    python demo/quickstart.py --output_dir output/quickstart
 
 Runs the real pipeline, each step as its own process, with nothing to download:
   1. preprocess/synthetic.py    image-caption shards (img2dataset layout), a VOC-layout val split, a random tiny CLIP
@@ -32,12 +32,6 @@ REPO = Path(__file__).resolve().parents[1]
 # input resolution = --train_size (the training crop and the zero-shot window; no position-embedding resize), patch 16.
 FIRST_STAGE_LAYER = 2
 
-# Settings a preset fills in when the flag is not given (docs/quickstart.md has the measured numbers of each).
-PRESETS = {
-    "default": dict(num_train=2000, clip_epochs=4, epochs=2),
-    "long": dict(num_train=6000, clip_epochs=4, epochs=2),
-}
-
 
 class StepError(SegCLIPError, RuntimeError):
     """A pipeline step exited with an error; the message names it and its log."""
@@ -46,11 +40,8 @@ class StepError(SegCLIPError, RuntimeError):
 def build_parser():
     p = cli.make_parser(__doc__.split("\n\n")[0], config=False)
     p.add_argument("--output_dir", default="output/quickstart", help="everything is written here")
-    p.add_argument("--preset", default="default", choices=sorted(PRESETS),
-                   help="default: about 2 minutes on 2 cores; long: more data and steps (docs/quickstart.md). "
-                        "Flags given explicitly win over the preset")
     g = p.add_argument_group("the world")
-    g.add_argument("--num_train", type=int, default=None, help="generated image-caption pairs (preset: 2000)")
+    g.add_argument("--num_train", type=int, default=2000, help="generated image-caption pairs")
     g.add_argument("--num_val", type=int, default=100, help="generated held-out val images with per-pixel labels")
     g.add_argument("--image_size", type=int, default=128, help="side of the generated images (pixels)")
     g = p.add_argument_group("training")
@@ -58,14 +49,14 @@ def build_parser():
                    help="training crop side = the tiny CLIP's input resolution = the zero-shot window (multiple of 16)")
     g.add_argument("--first_stage_layer", type=int, default=FIRST_STAGE_LAYER,
                    help="visual blocks (of 4) before the center block; the rest run on the group tokens")
-    g.add_argument("--clip_epochs", type=int, default=None,
-                   help="epochs of the CLIP stage (preset: 4); 0 skips it: SegCLIP from the random CLIP (ablation)")
+    g.add_argument("--clip_epochs", type=int, default=4,
+                   help="epochs of the CLIP stage; 0 skips it: SegCLIP from the random CLIP (ablation)")
     g.add_argument("--clip_lr", type=float, default=1e-3, help="learning rate of the CLIP stage (every parameter)")
-    g.add_argument("--epochs", type=int, default=None, help="epochs of the SegCLIP stage (preset: 2)")
+    g.add_argument("--epochs", type=int, default=2, help="epochs of the SegCLIP stage")
     g.add_argument("--batch_size", type=int, default=32, help="training batch of both stages")
-    g.add_argument("--lr", type=float, default=1e-3, help="SegCLIP stage: learning rate of the new parts "
+    g.add_argument("--lr", type=float, default=1e-4, help="SegCLIP stage: learning rate of the new parts "
                    "(centers, the blocks after them, MAE, projection)")
-    g.add_argument("--lower_lr", type=float, default=1e-3,
+    g.add_argument("--lower_lr", type=float, default=1e-6,
                    help="SegCLIP stage: learning rate of the parts inherited from the CLIP stage")
     g.add_argument("--seed", type=int, default=42, help="seed of the data generator and of training")
     g.add_argument("--no_seglabel", action="store_true", help="train without the superpixel KL loss (ablation)")
@@ -80,9 +71,6 @@ def build_parser():
 
 def get_args(argv=None):
     args = cli.parse(build_parser(), argv)
-    for k, v in PRESETS[args.preset].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
     cli.check_positive(args, "num_train", "num_val", "epochs", "batch_size", "image_size", "train_size")
     if args.clip_epochs < 0:
         raise UsageError(f"--clip_epochs must be >= 0, got {args.clip_epochs}")
@@ -266,7 +254,7 @@ def main(argv=None) -> int:
         init = ["--init_model", last_checkpoint(clip_dir, args.clip_epochs)]
     times["train"] = run_step("train", common + init + [
         "--epochs", args.epochs, "--lr", args.lr, "--lower_lr", args.lower_lr,
-        "--freeze_layer_num", -1,   # -1: no block frozen (the tiny CLIP is not worth keeping as is); as in 2022 the
+        "--freeze_layer_num", -1,   # -1: no block frozen (the CLIP moves at --lower_lr only); as in 2022 the
         "--output_dir", train_dir]  # patch embedding stays frozen
         + ["--use_seglabel"] * use_seglabel + mae_flag, logs, threads=threads)
     checkpoint = last_checkpoint(train_dir, args.epochs)
@@ -305,7 +293,7 @@ def main(argv=None) -> int:
     curve = clip_curve + loss_curve(train_dir, "segclip", clip_curve[-1]["step"] if clip_curve else 0)
     losses = ["contrastive"] + ["kl"] * use_seglabel + ["mae"] * use_mae
     summary = {
-        "trained": {"preset": args.preset, "losses": losses, "clip_epochs": args.clip_epochs, "clip_lr": args.clip_lr,
+        "trained": {"losses": losses, "clip_epochs": args.clip_epochs, "clip_lr": args.clip_lr,
                     "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "lower_lr": args.lower_lr,
                     "train_pairs": args.num_train, "val_images": args.num_val, "train_size": args.train_size,
                     "seed": args.seed, "checkpoint": str(checkpoint), "config": {
