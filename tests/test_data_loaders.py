@@ -419,3 +419,23 @@ def test_loader_workers_run_one_thread_and_the_main_process_the_rest(monkeypatch
     assert main_process_threads(0) == cores and main_process_threads(cores + 3) == 1
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun: 2 processes share this machine's cores
     assert main_process_threads(1) == max(1, cores // 2 - 1) == main_process_threads(1, local_world_size=2)
+
+
+def test_half_filled_superpixel_store_is_one_line_in_training(tiny, tmp_path, repo_root, clip_file):
+    """main_task_align.py --superpixel_missing error with a superpixel store that lacks images: exit code 2 and one
+    line naming the store and the fix, before any step (it was a KeyError traceback from a loader worker)."""
+    from dataloaders.build_stores import build_superpixel_store
+    partial = tmp_path / "partial.lmdb"
+    build_superpixel_store(tiny["store"], partial, max_samples=2, progress=False)
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    p = subprocess.run([sys.executable, "main_task_align.py", "--do_pretrain", "--datatype", "coco",
+                        "--coco_store", tiny["store"], "--coco_superpixels", str(partial), "--use_seglabel",
+                        "--superpixel_missing", "error", "--pretrained_clip_name", str(clip_file), "--first_stage_layer",
+                        "2", "--batch_size", "2",
+                        "--epochs", "1", "--num_thread_reader", "0", "--output_dir", str(tmp_path / "out"),
+                        "--no_progress"], cwd=repo_root, env=dict(env, CUDA_VISIBLE_DEVICES=""),
+                       capture_output=True, text=True, timeout=240)
+    assert p.returncode == 2, p.stderr[-3000:]
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "lacks 2 of 4 images" in lines[0] and "build_superpixels.py" in lines[0], p.stderr
+    assert "Traceback" not in p.stdout + p.stderr
