@@ -6,9 +6,12 @@ batches and each rank takes its slice, and every sample's augmentation is drawn 
 number of loader workers. Streaming (iterable) datasets shard themselves and cannot seek: on resume the batches
 already seen in the epoch are read and dropped.
 """
+import os
 import random
 import signal
+import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Dict, Iterator, Optional
 
 import numpy as np
@@ -19,6 +22,7 @@ from common.errors import SegCLIPError
 from dataloaders.workers import init_loader_worker
 
 from .distributed import DistEnv
+from .stopping import shared_stop_flag
 
 
 class DataLayoutError(SegCLIPError, ValueError):
@@ -96,16 +100,39 @@ class GlobalBatchSampler(Sampler):
             yield from order[lo:lo + self.local_batch]
 
 
-def ignore_stop_signals_in_worker(worker_id: int) -> None:
+# How long a loader worker that got SIGTERM waits for the main process to say it is stopping too (a preemption
+# signals every process of the job at about the same moment) before it takes the signal as meant for itself.
+WORKER_SIGTERM_GRACE_S = 2.0
+
+
+def _worker_sigterm_handler(stop_flag):
+    def handle(signum, frame):
+        deadline = time.monotonic() + WORKER_SIGTERM_GRACE_S
+        while time.monotonic() < deadline:
+            if stop_flag.value:          # the main process is finishing its step: keep serving batches
+                return
+            time.sleep(0.05)
+        # Nobody is stopping: the signal is for this worker (its DataLoader, or Python's exit, terminating it).
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+    return handle
+
+
+def guard_stop_signals_in_worker(stop_flag) -> None:
     """Loader workers leave SIGINT / SIGTERM to the main process, which finishes the step, saves and then shuts
-    them down (Ctrl-C and SLURM signal every process of the job; a worker dying first would fail the last step)."""
+    them down (Ctrl-C and SLURM signal every process of the job; a worker dying first would fail the last step).
+
+    SIGTERM is not simply ignored: DataLoader and multiprocessing's exit handler terminate workers with it, and
+    a worker deaf to it would hang the main process's exit forever (e.g. after an exception mid-epoch). A worker
+    therefore obeys SIGTERM unless the main process has flagged a stop within WORKER_SIGTERM_GRACE_S.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _worker_sigterm_handler(stop_flag))
 
 
-def init_train_worker(worker_id: int) -> None:
-    """``worker_init_fn`` of the training loaders: stop signals ignored, one CPU thread (dataloaders.workers)."""
-    ignore_stop_signals_in_worker(worker_id)
+def init_train_worker(worker_id: int, stop_flag=None) -> None:
+    """``worker_init_fn`` of the training loaders: stop signals guarded, one CPU thread (dataloaders.workers)."""
+    guard_stop_signals_in_worker(stop_flag if stop_flag is not None else shared_stop_flag())
     init_loader_worker(worker_id)
 
 
@@ -145,7 +172,7 @@ def build_train_data(dataset, local_batch: int, env: DistEnv, *, seed: int, accu
     loader_gen = torch.Generator().manual_seed(seed)   # keeps DataLoader from drawing on the global RNG
     common = dict(batch_size=local_batch, num_workers=num_workers, drop_last=True, generator=loader_gen,
                   pin_memory=pin_memory and env.device.type == "cuda",
-                  worker_init_fn=init_train_worker if num_workers > 0 else None)
+                  worker_init_fn=partial(init_train_worker, stop_flag=shared_stop_flag()) if num_workers > 0 else None)
     if isinstance(dataset, IterableDataset):
         sampler, seeded = None, None
         if hasattr(dataset, "set_batch_size"):   # dataloaders.webdataset_stream: the exact count, whole batches

@@ -4,6 +4,7 @@ A signal does not interrupt a step: the handler only sets a flag, the loop finis
 state and returns (``--resume auto`` continues from there). A second Ctrl-C interrupts at once.
 """
 import logging
+import multiprocessing
 import signal
 import threading
 from typing import Optional
@@ -13,6 +14,16 @@ from common.errors import SegCLIPError
 logger = logging.getLogger("segclip.train")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_shared_stop = None
+
+
+def shared_stop_flag():
+    """One byte in shared memory, set by the main process when a stop signal arrives. Loader workers read it to
+    tell a preemption (keep serving until the step ends) from being terminated by their own DataLoader."""
+    global _shared_stop
+    if _shared_stop is None:
+        _shared_stop = multiprocessing.RawValue("b", 0)
+    return _shared_stop
 
 
 class DivergenceError(SegCLIPError, RuntimeError):
@@ -42,10 +53,12 @@ class StopSignals:
             raise KeyboardInterrupt       # a second Ctrl-C: the user does not want to wait for the save
         if self.signum is None:
             self.signum = signum
+            shared_stop_flag().value = 1
             logger.warning("%s received: stopping after this step and saving the training state",
                            signal.Signals(signum).name)
 
     def __enter__(self) -> "StopSignals":
+        shared_stop_flag().value = 0
         if threading.current_thread() is threading.main_thread():
             for s in STOP_SIGNALS:
                 self._previous[s] = signal.signal(s, self._handle)

@@ -233,3 +233,69 @@ def test_multinode_resume_auto_is_decided_by_rank_0(repo_root, tmp_path):
     assert len(missing) == 2 and all("rank 1 on " in m and "not found" in m and "shares" in m for m in missing)
     differ = run("a", "c")
     assert len(differ) == 2 and all("differ between nodes (optimizer steps [3, 5])" in m for m in differ)
+
+
+ABANDONED_LOADER = textwrap.dedent("""
+    import sys, torch
+    from torch.utils.data import Dataset
+    from engine.distributed import DistEnv
+    from engine.loaders import build_train_data
+
+    class Numbers(Dataset):
+        def __len__(self):
+            return 64
+        def __getitem__(self, i):
+            return torch.tensor(i)
+
+    data = build_train_data(Numbers(), 4, DistEnv(), seed=0, accum=1, num_workers=2, pin_memory=False)
+    it = data.epoch_batches(0)
+    next(it)
+    print("ITERATING", flush=True)
+    # An exception mid-epoch whose traceback keeps the iterator alive until the interpreter exits: Python's exit
+    # handler then terminates the loader workers with SIGTERM and waits for them.
+    sys.last_value = RuntimeError("a bug mid-epoch")
+    sys.last_iterator = it
+    raise SystemExit(3)
+""")
+
+
+def test_exit_with_a_live_loader_iterator_does_not_hang(repo_root, tmp_path):
+    """Workers used to ignore SIGTERM, so the exit after an exception mid-epoch waited for them forever."""
+    script = tmp_path / "abandon.py"
+    script.write_text(ABANDONED_LOADER)
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=repo_root, stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the process hung at exit waiting for its loader workers")
+    assert "ITERATING" in out and proc.returncode == 3
+
+
+def test_worker_keeps_serving_through_a_preemption_signal():
+    """A worker that gets SIGTERM while the main process has flagged a stop stays alive (the step can finish);
+    without that flag it obeys the signal after the grace period."""
+    import multiprocessing as mp
+    from engine.loaders import WORKER_SIGTERM_GRACE_S, guard_stop_signals_in_worker
+
+    def worker(flag, started):
+        guard_stop_signals_in_worker(flag)
+        started.set()
+        time.sleep(30)
+
+    ctx = mp.get_context("fork")
+    for stopping, survives in ((1, True), (0, False)):
+        flag, started = ctx.RawValue("b", stopping), ctx.Event()
+        p = ctx.Process(target=worker, args=(flag, started), daemon=True)
+        p.start()
+        assert started.wait(10)
+        os.kill(p.pid, signal.SIGTERM)
+        p.join(WORKER_SIGTERM_GRACE_S + 5)
+        assert p.is_alive() == survives
+        if survives:
+            p.kill()
+            p.join()
+        else:
+            assert p.exitcode == -signal.SIGTERM
