@@ -5,7 +5,13 @@ from typing import Mapping, Optional
 
 import torch
 
+from common.errors import SegCLIPError
+
 from .state_dict import count_indices, refuse_clip_layout, require_keys
+
+
+class ConfigError(SegCLIPError, ValueError):
+    """Model sizes or options that do not fit together (e.g. a first stage as deep as the whole tower)."""
 
 
 @dataclass
@@ -47,8 +53,8 @@ class SegCLIPConfig:
 
     def validate(self):
         if not 0 < self.first_stage_layer < self.vision_layers:
-            raise ValueError(f"first_stage_layer must be in [1, {self.vision_layers - 1}] for a {self.vision_layers}-"
-                             f"layer visual tower, got {self.first_stage_layer}")
+            raise ConfigError(f"--first_stage_layer must be in [1, {self.vision_layers - 1}] for a "
+                              f"{self.vision_layers}-layer visual tower, got {self.first_stage_layer}")
         return self
 
 

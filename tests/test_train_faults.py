@@ -299,3 +299,12 @@ def test_worker_keeps_serving_through_a_preemption_signal():
             p.join()
         else:
             assert p.exitcode == -signal.SIGTERM
+
+
+def test_first_stage_layer_out_of_range_is_one_line(repo_root, tmp_path, tiny_clip_file, tiny_store):
+    """The fixture CLIP has 12 visual blocks: a first stage of 12 leaves no block for the groups."""
+    p = subprocess.run(_train_args(tiny_clip_file, tiny_store, tmp_path / "out", "--first_stage_layer", "12"),
+                       cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("error: --first_stage_layer must be in [1, 11]")
