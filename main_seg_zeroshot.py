@@ -14,7 +14,7 @@ import sys
 import torch
 
 from common import cli
-from common.errors import SegCLIPError, UsageError
+from common.errors import UsageError
 from engine.distributed import cleanup, init_distributed
 from modules.precision import PRECISIONS
 from seg_segmentation.classes import BG_THRESH, DATASET_CLASSES, parse_class_list
@@ -192,11 +192,8 @@ def main(argv=None) -> int:
                                           clip_weights=args.pretrained_clip_name if args.method != 'segclip' else None)
                 write_json(args.output, result)
                 print(f'results written to {args.output}', flush=True)
-    except SegCLIPError as e:   # every rank says what stopped it (run_main would print rank 0's only)
-        print(cli.error_line(e), file=sys.stderr, flush=True)
+    finally:   # a user error goes on to run_main, which prints it on rank 0 (that knows every rank's message)
         cleanup(env)
-        return 2
-    cleanup(env)
     return 0
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common.errors import SegCLIPError, UsageError
+from common.errors import SegCLIPError, UsageError, brief
 from common.images import DEFAULT_MAX_IMAGE_PIXELS
 from common.ranks import rank_and_world
 from dataloaders.workers import init_loader_worker
@@ -259,10 +259,19 @@ def reduce_across_ranks(shard: ShardResult, device: torch.device) -> Tuple[torch
     """-> (areas [4, C] and image count summed over ranks). Every rank first contributes a failure flag, so a
     failing rank raises its own error and the others an EvalError instead of waiting in the sum."""
     failed = int(_all_reduce_sum(torch.tensor([shard.error is not None], dtype=torch.int64), device).item())
-    if shard.error is not None:
+    if failed and rank_and_world(use_env=False)[1] == 1:
         raise shard.error
     if failed:
-        raise EvalError(f'{failed} other process(es) failed (see their messages)')
+        # Every rank learns every failing rank's message, so rank 0 alone can report them all (the scripts print
+        # on rank 0 only) while each failing rank keeps its own exception (and a bug its traceback).
+        mine = None if shard.error is None else (
+            str(shard.error) if isinstance(shard.error, SegCLIPError) else brief(shard.error))
+        messages = [None] * rank_and_world(use_env=False)[1]
+        dist.all_gather_object(messages, mine)
+        if shard.error is not None:
+            raise shard.error
+        others = '; '.join(f'rank {r}: {m}' for r, m in enumerate(messages) if m is not None)
+        raise EvalError(f'{failed} other process(es) failed: {others}')
     areas = _all_reduce_sum(shard.areas, device)
     counted = int(_all_reduce_sum(torch.tensor([shard.images], dtype=torch.int64), device).item())
     return areas, counted

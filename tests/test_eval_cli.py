@@ -321,6 +321,8 @@ def test_torchrun_unreadable_image_on_one_rank_fails_cleanly(tmp_path, repo_root
                             '--num_workers', '0', '--no_progress'] + SMALL, nproc=2, timeout=180)
     assert r.returncode != 0                                     # and it did not hang in a collective
     assert f'cannot read {victim}' in r.stderr and 'other process(es) failed' in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith('error:')]
+    assert len(errors) == 1 and f'rank 1: cannot read {victim}' in errors[0], r.stderr[-3000:]   # rank 0 speaks
 
 
 def test_missing_released_checkpoint_offline_is_a_clear_error(voc_root, tmp_path, capsys, monkeypatch):
