@@ -14,7 +14,7 @@ from common import cli
 from common.errors import UsageError
 from modules.precision import PRECISIONS
 from seg_segmentation.classes import (BG_THRESH, DATASET_CLASSES, foreground_names, has_background,
-                                      parse_class_list)
+                                      parse_class_list, refuse_listed_background)
 from seg_segmentation.synonyms import read_name_file
 from seg_segmentation.templates import TEMPLATES
 from seg_segmentation.drawing import VIS_MODES
@@ -81,9 +81,8 @@ def vocabulary(args):
         else:   # one class per line, its names separated by ", "
             synonyms = read_name_file(args.classes_file, source="--classes_file")
             names = [c[0] for c in synonyms]
-        if not args.no_bg and "background" in (n.lower() for n in names):
-            raise UsageError("'background' is added automatically from --bg_thresh; remove it from your classes "
-                             "(or add --no_bg to keep it as an ordinary class)")
+        if not args.no_bg:
+            refuse_listed_background(names, "or add --no_bg")
         with_bg = not args.no_bg
         default_thresh = BG_THRESH["voc"]
     else:

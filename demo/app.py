@@ -105,7 +105,7 @@ class WebSegmenter:
         """The page's class names -> (names, synonyms or None), read as main_seg_vis.py reads them: one line is
         --classes ("cat, wall, floor": a class per comma); several lines are a --classes_file (a class per line,
         its synonyms separated by commas: "cat, kitten")."""
-        from seg_segmentation.classes import name_lines, parse_class_list
+        from seg_segmentation.classes import name_lines, parse_class_list, refuse_listed_background
         from seg_segmentation.synonyms import parse_name_lines
         text = classes or ""
         synonyms = None
@@ -116,11 +116,10 @@ class WebSegmenter:
                 names = [c[0] for c in synonyms]
             else:
                 names = parse_class_list(lines[0] if lines else text, source="class names")
+            if background:
+                refuse_listed_background(names, "or untick 'background'")
         except SegCLIPError as e:
             raise PageInputError(str(e)) from None
-        if background and "background" in (n.lower() for n in names):
-            raise PageInputError("'background' is added automatically from the threshold; remove it from the class "
-                                 "names, or untick 'background' to keep it as an ordinary class")
         return names, synonyms
 
     def demo_for(self, names: Sequence[str], synonyms, background: bool, bg_thresh: float, templates: str):

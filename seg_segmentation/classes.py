@@ -112,6 +112,14 @@ def foreground_names(class_names):
     return names[1:] if names and names[0] == 'background' else names
 
 
+def refuse_listed_background(names, keep_hint: str) -> None:
+    """With a background threshold, 'background' is the class of pixels no name wins; a user's own 'background'
+    would be a second one. ``keep_hint`` says how to keep it as an ordinary class in the caller's words."""
+    if 'background' in (n.lower() for n in names):
+        raise UsageError(f"'background' is added automatically from the background threshold; remove it from your "
+                         f"classes ({keep_hint} to keep it as an ordinary class)")
+
+
 def validate_class_names(names, source: str = 'class names') -> List[str]:
     """Names stripped of surrounding blanks; UsageError naming the problem for no names, an empty name, or two
     names the text encoder cannot tell apart (CLIP's tokenizer folds whitespace and lower-cases: 'cat, Cat')."""
