@@ -37,15 +37,10 @@ def build_parser():
         names_help="your own vocabulary in a file (overrides --dataset)",
         bg_thresh_help="background threshold in [0, 1]: a region whose best class scores below it is background "
                        "(default: the dataset's, 0.8 for voc and for your own classes; higher = more background)")
-    cli.add_checkpoint_args(
+    cli.add_segmenter_args(
         p, init_model_help="SegCLIP checkpoint (state dict). Default: <cache>/segclip.bin, downloaded from the "
                            "release page when missing",
-        clip_help="CLIP weights of --method sclip / clip: a name (ViT-B/16, downloaded when missing), an OpenAI / "
-                  "open_clip / .safetensors file or a Hugging Face CLIP folder (ignored with SegCLIP)",
-        first_stage_layer=None)
-    cli.add_window_args(p, max_long=False)
-    cli.add_method_args(p)
-    cli.add_inference_args(p, precisions=PRECISIONS)
+        precisions=PRECISIONS, max_long=False, first_stage_layer=None)
     cli.add_runtime_args(p, distributed=False)
     cli.add_legacy_flags(p, LEGACY_FLAGS, "the checkpoint and the flags above carry every setting")
     return p
@@ -60,15 +55,8 @@ def get_args(argv=None):
     if "all" in args.vis:   # with sclip / clip: every mode but the center views
         args.vis = [m for m in VIS_MODES if args.method == "segclip" or m not in GROUP_MODES]
     args.vis = list(dict.fromkeys(args.vis))
-    if args.classes is not None and args.classes_file is not None:
-        raise UsageError("give --classes or --classes_file, not both")
-    cli.check_bg_thresh(args)
-    cli.check_method(args)
     from seg_segmentation.dense import apply_method_defaults
-    apply_method_defaults(args)
-    cli.check_window(args)
-
-    cli.check_max_image_pixels(args)
+    cli.check_segmenter_args(args, apply_method_defaults)
     return args
 
 

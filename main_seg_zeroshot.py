@@ -40,17 +40,15 @@ def build_parser():
                    '(any count)',
         bg_thresh_help='background threshold (default: ' + ', '.join(f'{k} {v}' for k, v in BG_THRESH.items()) +
                        '; unused by datasets without background)')
-    cli.add_checkpoint_args(
+    cli.add_segmenter_args(
         p, init_model_help="SegCLIP checkpoint (e.g. the released segclip.bin). Default: the released checkpoint "
                            "in --cache_dir, downloaded when missing. 'none' evaluates --pretrained_clip_name with "
                            "freshly initialised centers (a sanity baseline only)",
         clip_help='CLIP weights: a name (ViT-B/16, downloaded when missing), an OpenAI / open_clip / '
                   '.safetensors file or a Hugging Face CLIP folder; the model of --method sclip / clip, and with '
                   '--init_model none the CLIP the centers are added to',
-        first_stage_help='visual blocks before the center block; only with --init_model none (checkpoints carry it)')
-    cli.add_window_args(p)
-    cli.add_method_args(p)
-    cli.add_inference_args(p, precisions=PRECISIONS)
+        first_stage_help='visual blocks before the center block; only with --init_model none (checkpoints carry it)',
+        precisions=PRECISIONS)
     g = p.add_argument_group('evaluation run')
     g.add_argument('--batch_size', type=int, default=16, help='windows per visual forward pass (all images pooled)')
     g.add_argument('--num_workers', type=int, default=2, help='DataLoader processes per rank (decode + resize)')
@@ -69,15 +67,9 @@ def build_parser():
 def parse_args(argv=None):
     """Flags -> settings, every input checked before any model is loaded."""
     args = cli.parse(build_parser(), argv)
-    if args.classes is not None and args.classes_file is not None:
-        raise UsageError('give --classes or --classes_file, not both')
-    cli.check_bg_thresh(args)
-    cli.check_method(args)
     from seg_segmentation.dense import apply_method_defaults
-    apply_method_defaults(args)
-    cli.check_window(args)
+    cli.check_segmenter_args(args, apply_method_defaults)
     cli.check_positive(args, 'batch_size', 'max_images')
-    cli.check_max_image_pixels(args)
     if args.num_workers < 0:
         raise UsageError(f'--num_workers must be >= 0, got {args.num_workers}')
     return args

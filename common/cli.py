@@ -225,6 +225,33 @@ def add_inference_args(p: argparse.ArgumentParser, *, precisions: Sequence[str])
     return g
 
 
+DEMO_CLIP_HELP = ("CLIP weights of --method sclip / clip: a name (ViT-B/16, downloaded when missing), an OpenAI / "
+                  "open_clip / .safetensors file or a Hugging Face CLIP folder (ignored with SegCLIP)")
+
+
+def add_segmenter_args(p: argparse.ArgumentParser, *, init_model_help: str, precisions: Sequence[str],
+                       clip_help: str = DEMO_CLIP_HELP, max_long: bool = True, **checkpoint_kwargs):
+    """The flags of every tool that segments images with a chosen method (demo, web page, evaluation): checkpoint
+    and CLIP weights, sliding windows, the method and its head, precision and the pixel limit."""
+    add_checkpoint_args(p, init_model_help=init_model_help, clip_help=clip_help, **checkpoint_kwargs)
+    add_window_args(p, max_long=max_long)
+    add_method_args(p)
+    add_inference_args(p, precisions=precisions)
+
+
+def check_segmenter_args(args, apply_method_defaults: Callable[[argparse.Namespace], None]) -> None:
+    """The checks of ``add_segmenter_args``' flags (and the vocabulary's, where the tool has them), before any model
+    is loaded. ``apply_method_defaults`` (seg_segmentation.dense) fills the method's preset in between."""
+    if getattr(args, "classes", None) is not None and getattr(args, "classes_file", None) is not None:
+        raise UsageError("give --classes or --classes_file, not both")
+    if hasattr(args, "bg_thresh"):
+        check_bg_thresh(args)
+    check_method(args)
+    apply_method_defaults(args)
+    check_window(args)
+    check_max_image_pixels(args)
+
+
 def check_max_image_pixels(args) -> None:
     if args.max_image_pixels < 0:
         raise UsageError(f"--max_image_pixels must be >= 0 (0 = no limit), got {args.max_image_pixels}")

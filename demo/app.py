@@ -51,15 +51,10 @@ def build_parser():
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind: 127.0.0.1 serves this machine only, 0.0.0.0 your network")
     p.add_argument("--port", type=int, default=7860, help="port to serve on")
-    cli.add_checkpoint_args(
+    cli.add_segmenter_args(
         p, init_model_help="SegCLIP checkpoint (state dict), e.g. the quickstart's train/pytorch_model.bin.1. "
                            "Default: <cache>/segclip.bin, the released checkpoint, downloaded when missing",
-        clip_help="CLIP weights of --method sclip / clip: a name (ViT-B/16, downloaded when missing), an OpenAI / "
-                  "open_clip / .safetensors file or a Hugging Face CLIP folder (ignored with SegCLIP)",
-        first_stage_layer=None)
-    cli.add_window_args(p, max_long=False)
-    cli.add_method_args(p)
-    cli.add_inference_args(p, precisions=PRECISIONS)
+        precisions=PRECISIONS, max_long=False, first_stage_layer=None)
     cli.add_runtime_args(p, distributed=False)
     # the page always segments with your own class names: the SCLIP head preset is then voc's, as in
     # main_seg_vis.py with --classes (its --dataset default)
@@ -71,11 +66,8 @@ def get_args(argv=None):
     args = cli.parse(build_parser(), argv)
     if not 1 <= args.port <= 65535:
         raise UsageError(f"--port must be in [1, 65535], got {args.port}")
-    cli.check_method(args)
     from seg_segmentation.dense import apply_method_defaults
-    apply_method_defaults(args)
-    cli.check_window(args)
-    cli.check_max_image_pixels(args)
+    cli.check_segmenter_args(args, apply_method_defaults)
     return args
 
 
