@@ -21,7 +21,7 @@ import torch
 
 from common import cli
 from common.errors import SegCLIPError, UsageError
-from dataloaders.pretrain import add_data_args
+from dataloaders.pretrain import add_data_args, check_data_paths
 from seg_segmentation.classes import DATASET_CLASSES
 from seg_segmentation.datasets import resolve_data_root
 
@@ -135,6 +135,7 @@ def check_inputs(args) -> None:
     cli.check_input_file(args.resume_model, "--resume_model")
     if args.eval_data_root is not None:
         resolve_data_root(args.eval_dataset, args.eval_data_root)
+    check_data_paths(args)
     from engine.precision import check_precision
     check_precision(args.amp, cli.resolve_device(args.device))
 

@@ -10,6 +10,7 @@ The training script owns ``--max_words``, ``--use_seglabel``, ``--seed`` and ``-
 import argparse
 import logging
 from pathlib import Path
+from typing import List
 
 from torch.utils.data import ConcatDataset
 
@@ -98,11 +99,29 @@ def _legacy(args, root: Path, kind: str) -> bool:
     return False  # let the store reader raise its clear error
 
 
+def check_data_paths(args) -> List[str]:
+    """The cheap checks of the data flags (sources named, their folders there), made before any model is built;
+    -> the source names of ``--datatype``. ``build_pretrain_dataset`` opens them."""
+    names = _datatypes(getattr(args, "datatype", "cc,coco"))
+    if names == ["wds"]:
+        if not getattr(args, "wds_shards", None):
+            raise DataArgError("--datatype wds needs --wds_shards (a folder of img2dataset .tar shards or a pattern)")
+        return names
+    for name in names:
+        root = getattr(args, f"{name}_store", None)
+        if not root:
+            raise DataArgError(f"--datatype includes '{name}' but --{name}_store is not set; point it at the folder "
+                               f"written by preprocess/build_{'cc3m' if name == 'cc' else 'coco'}.py or drop '{name}'")
+        if not Path(root).exists():
+            raise DataArgError(f"--{name}_store {root} does not exist")
+    return names
+
+
 def build_pretrain_dataset(args, patch_size: int):
     """-> Dataset (map-style, possibly a ConcatDataset) or WebDatasetStream for ``--datatype wds``.
 
     patch_size: the model's (``SegCLIP.patch_size``); superpixel labels are pooled on its patch grid."""
-    names = _datatypes(getattr(args, "datatype", "cc,coco"))
+    names = check_data_paths(args)
     common = dict(max_words=args.max_words, use_seglabel=bool(getattr(args, "use_seglabel", False)),
                   superpixel_reduce=getattr(args, "superpixel_reduce", "mean"),
                   image_size=int(getattr(args, "image_size", 224)), patch_size=int(patch_size))
@@ -110,21 +129,13 @@ def build_pretrain_dataset(args, patch_size: int):
         raise DataArgError(f"--image_size {common['image_size']} must be a positive multiple of the model's patch "
                            f"size {patch_size}")
     if names == ["wds"]:
-        if not getattr(args, "wds_shards", None):
-            raise DataArgError("--datatype wds needs --wds_shards (a folder of img2dataset .tar shards or a pattern)")
         return WebDatasetStream(args.wds_shards, samples_per_epoch=getattr(args, "wds_samples_per_epoch", None),
                                 seed=getattr(args, "seed", 0), **common)
     common.update(max_retries=getattr(args, "image_retries", 10),
                   superpixel_missing=getattr(args, "superpixel_missing", "compute"))
     parts = []
     for name in names:
-        root = getattr(args, f"{name}_store", None)
-        if not root:
-            raise DataArgError(f"--datatype includes '{name}' but --{name}_store is not set; point it at the folder "
-                             f"written by preprocess/build_{'cc3m' if name == 'cc' else 'coco'}.py or drop '{name}'")
-        root = Path(root)
-        if not root.exists():
-            raise DataArgError(f"--{name}_store {root} does not exist")
+        root = Path(getattr(args, f"{name}_store"))
         spx = getattr(args, f"{name}_superpixels", None)
         if _legacy(args, root, name):
             allow = bool(getattr(args, "allow_pickle", False))

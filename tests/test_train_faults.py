@@ -308,3 +308,13 @@ def test_first_stage_layer_out_of_range_is_one_line(repo_root, tmp_path, tiny_cl
     assert p.returncode == 2, p.stderr[-2000:]
     assert "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines()[-1].startswith("error: --first_stage_layer must be in [1, 11]")
+
+
+def test_data_flags_are_checked_before_clip_is_fetched(repo_root, tmp_path):
+    """A missing store is named at once, not after (or instead of) loading or downloading CLIP."""
+    env = dict(os.environ, SEGCLIP_OFFLINE="1", SEGCLIP_CACHE=str(tmp_path / "empty_cache"))
+    p = subprocess.run([sys.executable, "main_task_align.py", "--do_pretrain", "--datatype", "cc", "--cc_store",
+                        str(tmp_path / "no_such_store"), "--output_dir", str(tmp_path / "out")], cwd=repo_root,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert p.stderr.strip().splitlines()[-1] == f"error: --cc_store {tmp_path / 'no_such_store'} does not exist"
