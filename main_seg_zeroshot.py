@@ -21,7 +21,7 @@ from seg_segmentation.classes import BG_THRESH, DATASET_CLASSES, parse_class_lis
 from seg_segmentation.datasets import CUSTOM_DATASET, LAYOUTS, resolve_data_root
 from seg_segmentation.templates import TEMPLATES
 
-LEGACY_FLAGS = {'--max_words': {'type': int}}
+LEGACY_FLAGS = {'--max_words': {'type': int}, '--max_frames': {'type': int}, '--resume': {'metavar': 'VALUE'}}
 
 
 def build_parser():
@@ -60,7 +60,7 @@ def build_parser():
                         'deterministic)')
     g.add_argument('--tag', default=None, help='a label for this run, stored in the --output JSON')
     cli.add_runtime_args(p, amp_help='autocast dtype for the visual tower (GPU); off = float32 as published')
-    cli.add_legacy_flags(p, LEGACY_FLAGS, 'class prompts always use 77 tokens')
+    cli.add_legacy_flags(p, LEGACY_FLAGS, 'class prompts always use 77 tokens, and evaluation neither resumes nor reads frames')
     return p
 
 

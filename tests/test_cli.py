@@ -275,10 +275,12 @@ def test_legacy_eval_flags_are_wired_or_named(tmp_path, capsys):
     """--seed seeds the fresh centers of --init_model none, --tag lands in the results, --max_words is named as
     having no effect (2022 command lines keep running)."""
     import main_seg_zeroshot
-    args = main_seg_zeroshot.parse_args(["--seed", "3", "--tag", "run-a", "--max_words", "32"])
+    args = main_seg_zeroshot.parse_args(["--seed", "3", "--tag", "run-a", "--max_words", "32", "--max_frames", "12",
+                                         "--resume", "x"])
     assert (args.seed, args.tag, args.max_words) == (3, "run-a", 32)
     cli.note_ignored_flags(args)
-    assert capsys.readouterr().err == "note: --max_words ignored (2022 flags without effect here)\n"
+    assert capsys.readouterr().err == ("note: --max_words, --max_frames, --resume ignored "
+                                       "(2022 flags without effect here)\n")
 
 
 def test_under_torchrun_only_rank_zero_prints_the_error(repo_root, tmp_path):
