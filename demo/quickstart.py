@@ -18,6 +18,7 @@ OUTPUT_DIR/summary.json and OUTPUT_DIR/curves.png. Step logs are in OUTPUT_DIR/l
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -25,12 +26,16 @@ from pathlib import Path
 
 from common import cli
 from common.errors import SegCLIPError, UsageError
+from common.fileio import atomic_torch_save, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 
 # The random CLIP: width 64 (1 head), 4 visual blocks cut after 2 (first_stage_layer), 2 text blocks, embed 64,
 # input resolution = --train_size (the training crop and the zero-shot window; no position-embedding resize), patch 16.
 FIRST_STAGE_LAYER = 2
+
+
+RUN_MARKER = ".segclip_quickstart"   # in --output_dir: its data/ and store/ are the quickstart's own
 
 
 class StepError(SegCLIPError, RuntimeError):
@@ -226,6 +231,15 @@ def main(argv=None) -> int:
     times = {}
     t_start = time.perf_counter()
     if not (args.keep_data and clip_file.exists()):
+        # A new world replaces the old one whole: stale shards or store entries of an earlier run (another seed or
+        # size) would otherwise be trained on next to the new ones. Only folders this script made are removed
+        # (its marker file says so), never a data/ or store/ of the user's that happens to be in --output_dir.
+        if (out / RUN_MARKER).is_file():
+            for old in (data, store):
+                if old.is_dir():
+                    shutil.rmtree(old)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / RUN_MARKER, "folders data/ and store/ here were made by demo/quickstart.py\n")
         times["generate"] = run_step("generate", [
             "-m", "preprocess.synthetic", "--output_dir", data, "--num_train", args.num_train,
             "--num_val", args.num_val, "--size", args.image_size, "--seed", args.seed,
@@ -260,7 +274,6 @@ def main(argv=None) -> int:
     checkpoint = last_checkpoint(train_dir, args.epochs)
 
     import torch
-    from common.fileio import atomic_torch_save, atomic_write_text
     from modules.checkpoint import load_clip_state_dict, load_segclip
     from modules.modeling import SegCLIP
     class_names = [c for c in (data / "val" / "classes.txt").read_text().split("\n") if c.strip()]
