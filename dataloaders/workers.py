@@ -7,6 +7,8 @@ threads on the cores and spin (training 10x slower seen on a 2-core machine). ``
 this process's share of the cores.
 """
 import os
+import sys
+from typing import Iterator
 
 import torch
 
@@ -39,3 +41,21 @@ def set_main_process_threads(num_workers: int, local_world_size: int = 0) -> int
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(main_process_threads(num_workers, local_world_size))
     return torch.get_num_threads()
+
+
+def start_workers(loader) -> Iterator:
+    """``iter(loader)``, with this process's OpenCV pool at one thread while the loader forks its workers.
+
+    A worker forked while OpenCV's thread pool runs inherits a pool whose threads did not survive the fork, and
+    ``cv2.setNumThreads`` in ``init_loader_worker`` then waits for them forever (e.g. training's second epoch after
+    an in-process evaluation). With the pool stopped at fork time the workers start clean; the count is restored at
+    once (the pool restarts lazily)."""
+    cv2 = sys.modules.get("cv2")
+    if cv2 is None or not getattr(loader, "num_workers", 0):
+        return iter(loader)
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        return iter(loader)
+    finally:
+        cv2.setNumThreads(threads)

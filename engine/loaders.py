@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from common.errors import SegCLIPError
-from dataloaders.workers import init_loader_worker
+from dataloaders.workers import init_loader_worker, start_workers
 
 from .distributed import DistEnv
 from .stopping import shared_stop_flag
@@ -158,7 +158,7 @@ class TrainData:
             self.seeded.set_epoch(epoch)
         elif hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
-        it = iter(self.loader)
+        it = start_workers(self.loader)
         if self.iterable:                        # a stream cannot seek: consume what was already seen
             for _ in range(first_micro):
                 next(it, None)

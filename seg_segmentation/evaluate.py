@@ -22,7 +22,7 @@ import torch.distributed as dist
 from common.errors import SegCLIPError, UsageError, brief
 from common.images import DEFAULT_MAX_IMAGE_PIXELS
 from common.ranks import rank_and_world
-from dataloaders.workers import init_loader_worker
+from dataloaders.workers import init_loader_worker, start_workers
 from modules.precision import model_precision
 from . import mmcv_compat  # noqa: F401
 from .classes import BG_THRESH, DATASET_CLASSES, has_background, validate_class_names
@@ -234,7 +234,7 @@ def predict_shard(seg: ZeroShotSegmentor, shard: ZeroShotSegDataset, cfg: EvalCo
 
     try:
         pending, n_windows = [], 0
-        for batch in loader:       # pool images until their windows fill a forward pass
+        for batch in start_workers(loader):       # pool images until their windows fill a forward pass
             for p in batch:
                 pending.append(p)
                 n_windows += len(slide_windows(*p['img'].shape[-2:], cfg.crop, cfg.stride))

@@ -439,3 +439,43 @@ def test_half_filled_superpixel_store_is_one_line_in_training(tiny, tmp_path, re
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "lacks 2 of 4 images" in lines[0] and "build_superpixels.py" in lines[0], p.stderr
     assert "Traceback" not in p.stdout + p.stderr
+
+
+OPENCV_POOL_THEN_WORKERS = textwrap.dedent("""
+    import cv2, numpy as np, torch
+    from torch.utils.data import DataLoader
+    from dataloaders.workers import init_loader_worker, start_workers
+
+    class Probe(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+        def __getitem__(self, i):
+            return torch.tensor([torch.get_num_threads(), cv2.getNumThreads()])
+
+    big = np.zeros((2000, 2000, 3), np.uint8)
+    for _ in range(3):                      # the parent's OpenCV pool is running (as after an evaluation)
+        cv2.GaussianBlur(big, (15, 15), 0)
+    threads = cv2.getNumThreads()
+    loader = DataLoader(Probe(), batch_size=1, num_workers=2, worker_init_fn=init_loader_worker)
+    for epoch in range(2):
+        seen = [b.tolist() for b in start_workers(loader)]
+        assert seen == [[[1, 1]]] * 4, seen
+    assert cv2.getNumThreads() == threads
+    print("OK", flush=True)
+""")
+
+
+def test_loader_workers_start_after_opencv_ran_in_the_parent(tmp_path, repo_root):
+    """A worker forked while the parent's OpenCV pool runs used to hang in cv2.setNumThreads (training's epoch after
+    an in-process evaluation hung the same way)."""
+    script = tmp_path / "cv_pool.py"
+    script.write_text(OPENCV_POOL_THEN_WORKERS)
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=repo_root, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("loader workers hung in cv2.setNumThreads after the parent had used OpenCV")
+    assert proc.returncode == 0 and "OK" in out, out[-2000:]
