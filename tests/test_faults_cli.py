@@ -260,6 +260,7 @@ def test_launcher_without_rendezvous_is_one_line(tmp_path, capsys, monkeypatch):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    rc = main_task_align.main(["--do_pretrain", "--output_dir", str(tmp_path / "o"), "--device", "cpu"])
+    rc = main_task_align.main(["--do_pretrain", "--output_dir", str(tmp_path / "o"), "--device", "cpu",
+                               "--datatype", "cc", "--cc_store", str(tmp_path)])   # data paths are checked first
     assert rc == 2
     assert "MASTER_ADDR" in _one_line_error(capsys)

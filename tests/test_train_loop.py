@@ -300,7 +300,8 @@ def test_init_model_loads_on_top_of_clip(reference, tmp_path, tiny_checkpoint):
     torch.save(reference["clip_state_dict"], clip_file)
     args = argparse.Namespace(pretrained_clip_name=str(clip_file), cache_dir=None, first_stage_layer=10,
                               use_vision_mae_recon=True, use_seglabel=True, mae_vis_mask_ratio=0.75,
-                              init_model=str(tiny_checkpoint), freeze_layer_num=0, freeze_text_layer_num=0)
+                              init_model=str(tiny_checkpoint), freeze_layer_num=0, freeze_text_layer_num=0,
+                              plain_clip=False)
     model = build_model(args)
     sd = model.state_dict()
     for k, v in reference["segclip_state_dict"].items():
