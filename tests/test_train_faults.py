@@ -200,9 +200,9 @@ RESUME_WORKER = textwrap.dedent("""
     out = sys.argv[1 + env.rank]                 # each "node" has its own output folder: no shared filesystem
     try:
         state = load_resume_state(env, out, auto=True)
-        print(f"rank {env.rank}: step {None if state is None else state['global_step']}", flush=True)
+        print(f"rank {env.rank}: step {None if state is None else state['global_step']}\\n", end="", flush=True)
     except ResumeError as e:
-        print(f"rank {env.rank} error: {e}", flush=True)
+        print(f"rank {env.rank} error: {e}\\n", end="", flush=True)
     cleanup(env)
 """)
 
@@ -274,31 +274,36 @@ def test_exit_with_a_live_loader_iterator_does_not_hang(repo_root, tmp_path):
     assert "ITERATING" in out and proc.returncode == 3
 
 
-def test_worker_keeps_serving_through_a_preemption_signal():
+GUARDED_WORKER = textwrap.dedent("""
+    import multiprocessing, sys, time
+    from engine.loaders import guard_stop_signals_in_worker
+    guard_stop_signals_in_worker(multiprocessing.RawValue("b", int(sys.argv[1])))
+    print("READY", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_worker_keeps_serving_through_a_preemption_signal(repo_root):
     """A worker that gets SIGTERM while the main process has flagged a stop stays alive (the step can finish);
     without that flag it obeys the signal after the grace period."""
-    import multiprocessing as mp
-    from engine.loaders import WORKER_SIGTERM_GRACE_S, guard_stop_signals_in_worker
-
-    def worker(flag, started):
-        guard_stop_signals_in_worker(flag)
-        started.set()
-        time.sleep(30)
-
-    ctx = mp.get_context("fork")
+    from engine.loaders import WORKER_SIGTERM_GRACE_S
     for stopping, survives in ((1, True), (0, False)):
-        flag, started = ctx.RawValue("b", stopping), ctx.Event()
-        p = ctx.Process(target=worker, args=(flag, started), daemon=True)
-        p.start()
-        assert started.wait(10)
-        os.kill(p.pid, signal.SIGTERM)
-        p.join(WORKER_SIGTERM_GRACE_S + 5)
-        assert p.is_alive() == survives
-        if survives:
-            p.kill()
-            p.join()
-        else:
-            assert p.exitcode == -signal.SIGTERM
+        p = subprocess.Popen([sys.executable, "-c", GUARDED_WORKER, str(stopping)], cwd=repo_root,
+                             stdout=subprocess.PIPE, text=True)
+        try:
+            assert p.stdout.readline().strip() == "READY"
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(WORKER_SIGTERM_GRACE_S + 8)
+            except subprocess.TimeoutExpired:
+                pass
+            assert (p.poll() is None) == survives
+            if not survives:
+                assert p.returncode == -signal.SIGTERM
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
 def test_first_stage_layer_out_of_range_is_one_line(repo_root, tmp_path, tiny_clip_file, tiny_store):
