@@ -21,6 +21,8 @@ import json
 import os
 import os.path as osp
 import pickle
+import signal
+import subprocess
 import zlib
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
@@ -261,3 +263,18 @@ def write_fake_dataset(dataset: str, root, num_images: int = 3, size: Tuple[int,
         with open(osp.join(root, layout.split), 'w') as f:
             f.write('\n'.join(names) + '\n')
     return root
+
+
+def run_or_fail_on_hang(cmd: Sequence[str], timeout: float, hang_message: str, **popen_kwargs):
+    """Run ``cmd`` in its own session -> (returncode, stdout, stderr); on a hang kill the whole group (launcher and
+    children: no orphans left behind) and fail the test with ``hang_message``."""
+    import pytest
+    proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **popen_kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(hang_message)
+    return proc.returncode, out, err

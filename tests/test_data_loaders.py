@@ -4,7 +4,6 @@ import json
 import math
 import os
 import random
-import signal
 import subprocess
 import sys
 import textwrap
@@ -20,7 +19,7 @@ from dataloaders.datasets import StoreDataset
 from dataloaders.imageio import encode_for_store
 from dataloaders.pretrain import add_data_args, build_pretrain_dataset
 from tests.helpers import (PATCH_SIZE, caption_for, cc_caption_for, data_arg_defaults, jpeg_bytes, make_tiny_coco,
-                           random_image, write_cc3m_shards, write_legacy_cc3m, write_legacy_coco, write_legacy_superpixels)
+                           random_image, run_or_fail_on_hang, write_cc3m_shards, write_legacy_cc3m, write_legacy_coco, write_legacy_superpixels)
 from dataloaders.webdataset_stream import EpochPlan, WebDatasetStream
 from dataloaders.transforms import CLIP_MEAN, CLIP_STD, RandomResizedCropBox, TrainTransform
 from dataloaders import superpixels as sp
@@ -245,17 +244,10 @@ def test_webdataset_stream_exact_epochs_torchrun(tmp_path):
     the same number of batches on both ranks, equal to set_batch_size's count (20/2 = 10 a rank = 3+3+3+1)."""
     write_cc3m_shards(tmp_path / "shards", n_shards=5, per_shard=4, seed=5)
     (tmp_path / "script.py").write_text(WDS_RANK_SCRIPT)
-    # own session so that a hang kills the whole launcher + ranks group, leaving no orphans behind
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(tmp_path / "script.py"), str(tmp_path / "shards"), str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail("torchrun run of the streaming loader timed out")
-    assert proc.returncode == 0, err[-4000:]
+    rc, _, err = run_or_fail_on_hang([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                      "--nproc_per_node=2", tmp_path / "script.py", tmp_path / "shards", tmp_path],
+                                     240, "torchrun run of the streaming loader timed out")
+    assert rc == 0, err[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     orders = []
     for epoch in range(2):
@@ -470,12 +462,6 @@ def test_loader_workers_start_after_opencv_ran_in_the_parent(tmp_path, repo_root
     an in-process evaluation hung the same way)."""
     script = tmp_path / "cv_pool.py"
     script.write_text(OPENCV_POOL_THEN_WORKERS)
-    proc = subprocess.Popen([sys.executable, str(script)], cwd=repo_root, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail("loader workers hung in cv2.setNumThreads after the parent had used OpenCV")
-    assert proc.returncode == 0 and "OK" in out, out[-2000:]
+    rc, out, err = run_or_fail_on_hang([sys.executable, script], 120, "loader workers hung in cv2.setNumThreads "
+                                       "after the parent had used OpenCV", cwd=repo_root)
+    assert rc == 0 and "OK" in out, out[-2000:] + err[-2000:]

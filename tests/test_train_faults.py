@@ -20,6 +20,7 @@ from engine.run_lock import LOCK_NAME, RunLock, RunLockError
 from engine.stopping import DivergenceError
 from engine.train_state import STATE_NAME, find_resume_file, load_training_state
 from engine.training import train
+from tests.helpers import run_or_fail_on_hang
 from tests.test_train_loop import RandomPairs, cfg_for, make_model, tiny_clip_file, tiny_store  # noqa: F401
 
 
@@ -263,15 +264,9 @@ def test_exit_with_a_live_loader_iterator_does_not_hang(repo_root, tmp_path):
     """Workers used to ignore SIGTERM, so the exit after an exception mid-epoch waited for them forever."""
     script = tmp_path / "abandon.py"
     script.write_text(ABANDONED_LOADER)
-    proc = subprocess.Popen([sys.executable, str(script)], cwd=repo_root, stdout=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail("the process hung at exit waiting for its loader workers")
-    assert "ITERATING" in out and proc.returncode == 3
+    rc, out, _ = run_or_fail_on_hang([sys.executable, script], 60, "the process hung at exit waiting for its loader "
+                                     "workers", cwd=repo_root)
+    assert "ITERATING" in out and rc == 3
 
 
 GUARDED_WORKER = textwrap.dedent("""
