@@ -1,7 +1,7 @@
 """Segment photos with any vocabulary and draw the result (design.md §8).
 
     python main_seg_vis.py --input demo/examples/chelsea.jpg --classes "cat, wall, floor" --vis input_pred_label
-    python main_seg_vis.py --method sclip --input demo/examples/chelsea.jpg --classes "cat, wall, floor"   # CLIP only
+    python main_seg_vis.py --method naclip --input demo/examples/chelsea.jpg --classes "cat, wall, floor"  # CLIP only
 
 Writes OUTPUT/vis_imgs/<mode>/<mode>_<name>.jpg per mode, and OUTPUT/labels/<name>.png (label ids, palette PNG)
 with OUTPUT/labels/<name>.json (classes present and their pixel share). See docs/demo.md.
@@ -15,6 +15,7 @@ from common.errors import UsageError
 from modules.precision import PRECISIONS
 from seg_segmentation.classes import (BG_THRESH, DATASET_CLASSES, foreground_names, has_background,
                                       parse_class_list, refuse_listed_background)
+from seg_segmentation.methods import METHODS
 from seg_segmentation.synonyms import read_name_file
 from seg_segmentation.templates import TEMPLATES
 from seg_segmentation.drawing import VIS_MODES
@@ -38,7 +39,7 @@ def build_parser():
         bg_thresh_help="background threshold in [0, 1]: a region whose best class scores below it is background "
                        "(default: the dataset's, 0.8 for voc and for your own classes; higher = more background)")
     cli.add_segmenter_args(
-        p, init_model_help="SegCLIP checkpoint (state dict). Default: <cache>/segclip.bin, downloaded from the "
+        p, methods=METHODS, init_model_help="SegCLIP checkpoint (state dict). Default: <cache>/segclip.bin, downloaded from the "
                            "release page when missing",
         precisions=PRECISIONS, max_long=False, first_stage_layer=None)
     cli.add_runtime_args(p, distributed=False)
@@ -48,15 +49,14 @@ def build_parser():
 
 def get_args(argv=None):
     args = cli.parse(build_parser(), argv, aliases={"vis": "vis"})  # 2022 configs: vis = the modes
+    cli.check_segmenter_args(args, METHODS)
     from seg_segmentation.drawing import GROUP_MODES
     if args.method != "segclip" and any(m in GROUP_MODES for m in args.vis):
         raise UsageError(f"--vis {' '.join(m for m in args.vis if m in GROUP_MODES)}: the center views exist only "
                          f"for SegCLIP, not --method {args.method}")
-    if "all" in args.vis:   # with sclip / clip: every mode but the center views
+    if "all" in args.vis:   # with a training-free method: every mode but the center views
         args.vis = [m for m in VIS_MODES if args.method == "segclip" or m not in GROUP_MODES]
     args.vis = list(dict.fromkeys(args.vis))
-    from seg_segmentation.dense import apply_method_defaults
-    cli.check_segmenter_args(args, apply_method_defaults)
     return args
 
 

@@ -100,7 +100,6 @@ def main():
     p.add_argument('--device', default=None, help='cpu or cuda (default: cuda when available)')
     p.add_argument('--batch_size', type=int, default=16, help='our path: windows per forward pass')
     p.add_argument('--num_workers', type=int, default=2, help='our path: DataLoader workers')
-    p.add_argument('--amp', default='none', choices=['none', 'bf16', 'fp16'], help='our path: autocast dtype')
     p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16'],
                    help='our path: model weights and activations (modules/precision.py); the reference stays fp32')
     p.add_argument('--json', default=None, help='also write the figures to this JSON file')
@@ -134,8 +133,7 @@ def main():
         best_ours = best_ref = None
         for rep in range(args.repeat):   # alternate the paths so that load from other processes hits both
             ours = run_zero_shot_eval(ours_model, dataset='voc', data_root=root, device=device,
-                                      batch_size=args.batch_size, num_workers=args.num_workers, amp=args.amp,
-                                      progress=False)
+                                      batch_size=args.batch_size, num_workers=args.num_workers, progress=False)
             n = ours['images']
             t_ours = ours['seconds'] / n
             best_ours = t_ours if best_ours is None else min(best_ours, t_ours)
@@ -145,11 +143,11 @@ def main():
                 t_ref = sec_ref / n_ref
                 best_ref = t_ref if best_ref is None else min(best_ref, t_ref)
                 line += f', reference {t_ref:.3f} s/image (mIoU {miou_ref:.4f}), ratio {t_ref / t_ours:.2f}x'
-                if args.amp == 'none' and args.precision == 'fp32' and abs(miou_ref - ours['mIoU']) > 1e-6:
+                if args.precision == 'fp32' and abs(miou_ref - ours['mIoU']) > 1e-6:
                     line += '  WARNING: the mIoU differs between the paths'
             print(line, flush=True)
         print(f'ours      : {best_ours:.3f} s/image, {1 / best_ours:.2f} images/s (batch {args.batch_size}, '
-              f'{args.num_workers} workers, amp {args.amp}; best of {args.repeat} runs over {n} images)')
+              f'{args.num_workers} workers, {args.precision}; best of {args.repeat} runs over {n} images)')
         if best_ref is not None:
             print(f'reference : {best_ref:.3f} s/image, {1 / best_ref:.2f} images/s (2022 loop: batch 1, '
                   f'2 visual passes per window, fp32)')
@@ -157,7 +155,7 @@ def main():
         if args.json:
             from common.fileio import atomic_write_text
             atomic_write_text(args.json, json.dumps(dict(
-                device=str(device), images=n, batch_size=args.batch_size, num_workers=args.num_workers, amp=args.amp,
+                device=str(device), images=n, batch_size=args.batch_size, num_workers=args.num_workers,
                 precision=args.precision, ours_s_per_image=best_ours, ours_miou=ours['mIoU'],
                 reference_s_per_image=best_ref, speedup=None if best_ref is None else best_ref / best_ours),
                 indent=2) + '\n')

@@ -104,17 +104,22 @@ def add_checkpoint_args(p: argparse.ArgumentParser, *, init_model_help: str, cli
 
 def add_vocabulary_args(p: argparse.ArgumentParser, *, datasets: Sequence[str], templates: Sequence[str],
                         dataset_default: str, dataset_help: str, bg_thresh_help: str, names_help: str,
-                        no_bg: bool = False):
+                        no_bg: bool = False, several: bool = False):
     """``--dataset``, ``--classes``, ``--classes_file`` / ``--class_names`` (one flag, two spellings),
-    ``--templates``, ``--bg_thresh`` and optionally ``--no_bg``. The names are read by
+    ``--templates``, ``--bg_thresh`` and optionally ``--no_bg``; ``several``: ``--dataset`` takes a comma-separated
+    list (see :func:`method_list`). The names are read by
     ``seg_segmentation.classes.parse_class_list`` / ``read_class_file``, the same way in every script."""
     g = p.add_argument_group("vocabulary")
-    g.add_argument("--dataset", default=dataset_default, choices=list(datasets), help=dataset_help)
+    if several:   # a comma-separated list, checked by check_choices
+        g.add_argument("--dataset", default=dataset_default, metavar="{" + ",".join(datasets) + "},...",
+                       help=dataset_help)
+    else:
+        g.add_argument("--dataset", default=dataset_default, choices=list(datasets), help=dataset_help)
     g.add_argument("--classes", default=None, metavar="'A, B, C'",
                    help="your own class names, comma separated, e.g. \"cat, dog, sky\" (replaces the dataset's)")
     g.add_argument("--classes_file", "--class_names", dest="classes_file", default=None, metavar="FILE",
                    help=names_help + "; one class name per line, blank lines and lines starting with '#' ignored")
-    g.add_argument("--templates", "--template", dest="templates", default="simple", choices=sorted(templates),
+    g.add_argument("--templates", "--template", dest="templates", default=None, choices=sorted(templates),
                    help="prompts averaged per class: simple = 'a photo of a {}.', subset = 7 and full = 80 "
                         "ImageNet prompts, identity = the bare name")
     g.add_argument("--bg_thresh", type=float, default=None, help=bg_thresh_help)
@@ -137,7 +142,13 @@ def add_window_args(p: argparse.ArgumentParser, *, max_long: bool = True):
     return g
 
 
-METHODS = ("segclip", "sclip", "clip")   # names only: --help does not import the model code
+SEGCLIP = "segclip"
+SEGCLIP_WINDOW = dict(resolution=224, crop=224, stride=224, templates="simple")   # design.md §7.3
+# a flag of add_method_args -> the setting it gives (TrainingFreeMethod.settings' names)
+PROTOCOL_FLAGS = {"resolution": "resolution", "crop_size": "crop", "stride": "stride", "templates": "templates",
+                  "logit_scale": "logit_scale", "prob_thd": "prob_thd", "area_thd": "area_thd",
+                  "pamr_steps": "pamr_steps", "pamr_dilations": "pamr_dilations"}
+_HEAD_FLAGS = ("logit_scale", "prob_thd", "area_thd", "clip_activation")   # training-free methods only
 
 
 def area_thd_setting(value: str) -> float:
@@ -153,53 +164,118 @@ def area_thd_setting(value: str) -> float:
     return v
 
 
-def add_method_args(p: argparse.ArgumentParser):
-    """``--method`` and the training-free head's settings (design.md §12). ``--resolution``, ``--crop_size``,
-    ``--stride`` and ``--templates`` default to None here: the script fills in the method's published values
-    (``seg_segmentation.dense.method_defaults``), so a flag given on the command line always wins."""
-    g = p.add_argument_group("method (design.md §12)")
-    g.add_argument("--method", default="segclip", choices=METHODS,
-                   help="segclip: the SegCLIP checkpoint (--init_model); sclip: SCLIP's training-free dense CLIP "
-                        "(correlative self-attention in the last block); clip: the plain CLIP's patch tokens. "
-                        "sclip/clip take CLIP weights from --pretrained_clip_name and default to SCLIP's "
-                        "published settings for --dataset and to the project's synonym class names")
+def method_list(value: str) -> List[str]:
+    """``--method a,b`` / ``--dataset x,y`` -> ['a', 'b'] (order kept, repeats dropped)."""
+    items = [v.strip() for v in str(value).split(",") if v.strip()]
+    return list(dict.fromkeys(items))
+
+
+def add_method_args(p: argparse.ArgumentParser, methods: Mapping, several: bool = False):
+    """``--method``, the training-free head's settings and every method's own knobs (design.md §13).
+
+    ``methods``: name -> ``TrainingFreeMethod`` subclass (``seg_segmentation.methods.METHODS``; passed in, since
+    this layer imports nothing above it). ``several``: ``--method`` takes a comma-separated list. The protocol
+    flags (``--resolution``, ``--crop_size``, ``--stride``, ``--templates`` and the head's) default to None: each
+    method's preset for the dataset fills what is not given (``seg_segmentation.dense.resolve_settings``), so a
+    flag typed on the command line always wins."""
+    names = [SEGCLIP] + list(methods)
+    g = p.add_argument_group("method (design.md §12, §13)")
+    listing = "; ".join(f"{n}: {cls.summary}" for n, cls in methods.items())
+    g.add_argument("--method", default=SEGCLIP, metavar="{" + ",".join(names) + "}" + (",..." if several else ""),
+                   help="segclip: the SegCLIP checkpoint (--init_model). Training-free, on the CLIP of "
+                        f"--pretrained_clip_name: {listing}. Each defaults to its published settings for --dataset "
+                        "and to the project's synonym class names" +
+                        ("; a comma-separated list evaluates every method on every --dataset" if several else ""))
     g.add_argument("--logit_scale", type=float, default=None,
-                   help="sclip/clip: scale of the cosine similarities before the softmax over names (default: 65 "
-                        "voc, 50 context and coco, 40 otherwise)")
+                   help="training-free: scale of the cosine similarities before the softmax over names (default: "
+                        "the method's preset for --dataset)")
     g.add_argument("--prob_thd", type=float, default=None,
-                   help="sclip/clip: pixels whose best probability is below it become class 0 (default: 0.1 voc, "
-                        "context, coco; 0 otherwise)")
+                   help="training-free: pixels whose best class probability is below it become class 0 "
+                        "(default: the method's preset)")
     g.add_argument("--area_thd", type=area_thd_setting, default=None, metavar="{NUMBER,none}",
-                   help="sclip/clip: foreground classes covering at most this fraction of the foreground are "
-                        "dropped; none = off (default: 0.1 voc, none otherwise)")
-    g.add_argument("--pamr_steps", type=int, default=0,
-                   help="PAMR refinement steps at the original size, any method (0 = off, as published)")
-    g.add_argument("--pamr_dilations", type=int, nargs="+", default=[8, 16], metavar="D",
-                   help="PAMR neighbourhood distances in pixels")
+                   help="training-free: foreground classes covering at most this fraction of the foreground are "
+                        "dropped; none = off (default: the method's preset; only sclip / clip on voc use one)")
+    g.add_argument("--pamr_steps", type=int, default=None,
+                   help="PAMR refinement steps at the original size, any method; 0 = off (default: the method's "
+                        "preset, 0 for every method: the published main tables have no PAMR)")
+    g.add_argument("--pamr_dilations", type=int, nargs="+", default=None, metavar="D",
+                   help="PAMR neighbourhood distances in pixels (default: 8 16)")
     g.add_argument("--clip_activation", default=None, choices=["quick_gelu", "gelu"],
-                   help="sclip/clip: the MLP activation of --pretrained_clip_name when the file does not say "
+                   help="training-free: the MLP activation of --pretrained_clip_name when the file does not say "
                         "(open_clip checkpoints; default quick_gelu, OpenAI's; a transformers config.json says it)")
-    p.set_defaults(resolution=None, crop_size=None, stride=None, templates=None)
+    vfm_users = [n for n, cls in methods.items() if cls.vfm]
+    if vfm_users:
+        g.add_argument("--vfm", default=None, metavar="NAME_OR_FILE",
+                       help=f"{', '.join(vfm_users)}: the second vision model (a name, downloaded when missing, or "
+                            "a checkpoint file in its official layout; default: the method's, "
+                            + ", ".join(f"{n} {methods[n].vfm}" for n in vfm_users) + ")")
+    knobs: Dict[str, list] = {}
+    for n, cls in methods.items():
+        for knob in cls.knobs:
+            knobs.setdefault(knob.name, []).append((n, knob))
+    if knobs:
+        k = p.add_argument_group("settings of single methods (default: the method's preset for --dataset)")
+        for name, users in knobs.items():
+            knob = users[0][1]
+            kind = _knob_type(knob.type)
+            helps = "; ".join(f"{n}: {kb.help} (default {kb.default})" for n, kb in users)
+            k.add_argument(f"--{name}", type=kind, default=None, choices=knob.choices, help=helps)
+    p.set_defaults(resolution=None, crop_size=None, stride=None, templates=None, _method_knobs=tuple(knobs),
+                   _several_methods=several)
     for action in p._actions:
         if action.dest in ("resolution", "crop_size", "stride", "templates"):
-            action.help += " (default: 224 / 224 / 224 / simple with --method segclip; sclip/clip: SCLIP's " \
-                           "336 (448 coco_stuff, 560 cityscapes) / 224 / 112 / full)"
+            action.help += " (default: the method's preset for --dataset; SegCLIP: 224 / 224 / 224 / simple)"
+        if action.dest == "crop_size":
+            action.help += "; 0 = the whole image in one pass"
     return g
 
 
-def check_method(args) -> None:
-    """--method's flags: PAMR settings sane, training-free flags not given to SegCLIP."""
-    if args.pamr_steps < 0:
+def _knob_type(t):
+    if t is bool:
+        def boolean(value):
+            v = str(value).strip().lower()
+            if v in ("1", "true", "yes", "on"):
+                return True
+            if v in ("0", "false", "no", "off"):
+                return False
+            raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+        boolean.__name__ = "true/false"
+        return boolean
+    return t
+
+
+def check_method(args, methods: Mapping) -> None:
+    """--method's flags: known methods, PAMR settings sane, training-free flags not given to SegCLIP alone, knobs
+    only for a method that has them."""
+    chosen = method_list(args.method)
+    if not chosen:
+        raise UsageError("--method: give a method name")
+    if len(chosen) > 1 and not getattr(args, "_several_methods", False):
+        raise UsageError(f"--method {args.method}: give one method here")
+    unknown = [m for m in chosen if m != SEGCLIP and m not in methods]
+    if unknown:
+        raise UsageError(f"--method {unknown[0]}: unknown; choose from {', '.join([SEGCLIP] + list(methods))}")
+    if args.pamr_steps is not None and args.pamr_steps < 0:
         raise UsageError(f"--pamr_steps must be >= 0, got {args.pamr_steps}")
-    if any(d < 1 for d in args.pamr_dilations):
+    if args.pamr_dilations is not None and any(d < 1 for d in args.pamr_dilations):
         raise UsageError(f"--pamr_dilations must be positive, got {args.pamr_dilations}")
-    if args.method == "segclip":
-        given = [f"--{n}" for n in ("logit_scale", "prob_thd", "area_thd", "clip_activation")
-                 if getattr(args, n) is not None]
+    free = [m for m in chosen if m != SEGCLIP]
+    if not free:
+        given = [f"--{n}" for n in _HEAD_FLAGS + tuple(getattr(args, "_method_knobs", ())) + ("vfm",)
+                 if getattr(args, n, None) is not None]
         if given:
-            raise UsageError(f"{', '.join(given)} apply to --method sclip / clip only")
-    elif args.logit_scale is not None and args.logit_scale <= 0:
-        raise UsageError(f"--logit_scale must be positive, got {args.logit_scale}")
+            raise UsageError(f"{', '.join(given)} apply to the training-free methods only, not --method segclip")
+    for name in getattr(args, "_method_knobs", ()):
+        if getattr(args, name) is not None and not any(name in {k.name for k in methods[m].knobs} for m in free):
+            users = [m for m, cls in methods.items() if name in {k.name for k in cls.knobs}]
+            raise UsageError(f"--{name} is a setting of {', '.join(users)}, not of --method {args.method}")
+    if getattr(args, "vfm", None) is not None and not any(methods[m].vfm for m in free):
+        users = [m for m, cls in methods.items() if cls.vfm]
+        raise UsageError(f"--vfm is the second vision model of {', '.join(users)}, not of --method {args.method}")
+    if args.logit_scale is not None and not 0 < args.logit_scale < float("inf"):
+        raise UsageError(f"--logit_scale must be a positive number, got {args.logit_scale}")
+    if args.prob_thd is not None and not 0.0 <= args.prob_thd <= 1.0:
+        raise UsageError(f"--prob_thd must be in [0, 1], got {args.prob_thd}")
 
 
 def amp_setting(value: str) -> str:
@@ -230,25 +306,30 @@ DEMO_CLIP_HELP = ("CLIP weights of --method sclip / clip: a name (ViT-B/16, down
 
 
 def add_segmenter_args(p: argparse.ArgumentParser, *, init_model_help: str, precisions: Sequence[str],
-                       clip_help: str = DEMO_CLIP_HELP, max_long: bool = True, **checkpoint_kwargs):
+                       methods: Mapping, clip_help: str = DEMO_CLIP_HELP, max_long: bool = True, several: bool = False,
+                       **checkpoint_kwargs):
     """The flags of every tool that segments images with a chosen method (demo, web page, evaluation): checkpoint
-    and CLIP weights, sliding windows, the method and its head, precision and the pixel limit."""
+    and CLIP weights, sliding windows, the method, its head and knobs, precision and the pixel limit."""
     add_checkpoint_args(p, init_model_help=init_model_help, clip_help=clip_help, **checkpoint_kwargs)
     add_window_args(p, max_long=max_long)
-    add_method_args(p)
+    add_method_args(p, methods, several=several)
     add_inference_args(p, precisions=precisions)
 
 
-def check_segmenter_args(args, apply_method_defaults: Callable[[argparse.Namespace], None]) -> None:
+def check_segmenter_args(args, methods: Mapping) -> None:
     """The checks of ``add_segmenter_args``' flags (and the vocabulary's, where the tool has them), before any model
-    is loaded. ``apply_method_defaults`` (seg_segmentation.dense) fills the method's preset in between."""
+    is loaded. Protocol flags left unset stay None: the method's preset fills them per dataset."""
     if getattr(args, "classes", None) is not None and getattr(args, "classes_file", None) is not None:
         raise UsageError("give --classes or --classes_file, not both")
     if hasattr(args, "bg_thresh"):
         check_bg_thresh(args)
-    check_method(args)
-    apply_method_defaults(args)
+    check_method(args, methods)
     check_window(args)
+    for method in method_list(args.method):       # a stride given against the presets' crops, or the reverse
+        for dataset in method_list(getattr(args, "dataset", None) or "voc"):
+            preset = SEGCLIP_WINDOW if method == SEGCLIP else methods[method].settings(dataset)
+            check_stride(preset["crop"] if args.crop_size is None else args.crop_size,
+                         preset["stride"] if args.stride is None else args.stride)
     check_max_image_pixels(args)
 
 
@@ -480,11 +561,18 @@ def check_positive(args, *names: str) -> None:
 
 
 def check_window(args) -> None:
-    """--resolution, --crop_size, --stride (and --max_long) positive; a stride above the window leaves gaps."""
-    check_positive(args, *[n for n in ("resolution", "max_long", "crop_size", "stride") if hasattr(args, n)])
-    if args.stride > args.crop_size:
-        raise UsageError(f"--stride {args.stride} larger than --crop_size {args.crop_size} would leave pixels "
-                         "unlabelled")
+    """--resolution, --stride, --max_long positive, --crop_size >= 0 (0 = whole image); a stride above the window
+    leaves gaps. Unset (None) values are the method's preset, checked there."""
+    check_positive(args, *[n for n in ("resolution", "max_long", "stride") if hasattr(args, n)])
+    crop = getattr(args, "crop_size", None)
+    if crop is not None and crop < 0:
+        raise UsageError(f"--crop_size must be >= 0 (0 = the whole image), got {crop}")
+    check_stride(crop, getattr(args, "stride", None))
+
+
+def check_stride(crop: Optional[int], stride: Optional[int]) -> None:
+    if crop and stride and stride > crop:
+        raise UsageError(f"--stride {stride} larger than --crop_size {crop} would leave pixels unlabelled")
 
 
 def check_bg_thresh(args) -> None:

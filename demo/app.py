@@ -29,6 +29,7 @@ from common import cli
 from common.errors import SegCLIPError, UsageError
 from common.images import DEFAULT_MAX_IMAGE_PIXELS
 from modules.precision import PRECISIONS
+from seg_segmentation.methods import METHODS
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 # What the page shows and the JSON/PNG it offers: the CLI's overlay and center-assignment modes (design.md §8).
@@ -52,7 +53,7 @@ def build_parser():
                    help="address to bind: 127.0.0.1 serves this machine only, 0.0.0.0 your network")
     p.add_argument("--port", type=int, default=7860, help="port to serve on")
     cli.add_segmenter_args(
-        p, init_model_help="SegCLIP checkpoint (state dict), e.g. the quickstart's train/pytorch_model.bin.1. "
+        p, methods=METHODS, init_model_help="SegCLIP checkpoint (state dict), e.g. the quickstart's train/pytorch_model.bin.1. "
                            "Default: <cache>/segclip.bin, the released checkpoint, downloaded when missing",
         precisions=PRECISIONS, max_long=False, first_stage_layer=None)
     cli.add_runtime_args(p, distributed=False)
@@ -66,8 +67,7 @@ def get_args(argv=None):
     args = cli.parse(build_parser(), argv)
     if not 1 <= args.port <= 65535:
         raise UsageError(f"--port must be in [1, 65535], got {args.port}")
-    from seg_segmentation.dense import apply_method_defaults
-    cli.check_segmenter_args(args, apply_method_defaults)
+    cli.check_segmenter_args(args, METHODS)
     return args
 
 

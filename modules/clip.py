@@ -3,11 +3,12 @@
     clip = CLIP.from_state_dict(state_dict)              # OpenAI layout; every size inferred
     clip.encode_image(images)                            # [B,3,H,W] -> [B,D]   CLIP's image embedding
     clip.encode_text(tokens)                             # [B,T]     -> [B,D]
-    clip.encode_dense(images, method='sclip')            # [B,3,H,W] -> [B,1+L,D] every token through ln_post, proj
+    clip.encode_dense(images)                            # [B,3,H,W] -> [B,1+L,D] every token through ln_post, proj
+    clip.visual.tokens_before_last(images)               # [B,3,H,W] -> [B,1+L,W] what the last block receives
 
 The towers are built from the layers SegCLIP uses (``modules.layers``; the text tower is SegCLIP's own
-``modeling.CLIP``). ``method='clip'`` runs the unmodified last block; ``method='sclip'`` replaces its attention by
-SCLIP's correlative self-attention (Wang et al., ECCV 2024; design.md §12), keeping the block's residuals and MLP.
+``modeling.CLIP``). The training-free segmenters (seg_segmentation/methods/, design.md §12-§13) replace the last
+visual block with their own computation on ``tokens_before_last`` and finish with ``visual.head``.
 """
 import math
 from typing import Mapping
@@ -23,23 +24,8 @@ from .modeling import CLIP as CLIPWithText
 from .modeling import ViTBase
 from .state_dict import CLIP_EXTRA_KEYS, load_into, require_keys
 
-DENSE_METHODS = ('clip', 'sclip')
-
 CLIP_REQUIRED_KEYS = ("visual.conv1.weight", "visual.positional_embedding", "visual.proj", "visual.class_embedding",
                       "text_projection", "token_embedding.weight", "positional_embedding", "ln_final.weight")
-
-
-def correlative_attention(attn: MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
-    """SCLIP's correlative self-attention with ``attn``'s weights.  x [B, T, W] (after ln_1) -> [B, T, W].
-
-    Per head: A = softmax(q qᵀ·s) + softmax(k kᵀ·s), s = head_dim^-½; out = out_proj(A v). Each token attends to
-    the tokens that look like it (q·q, k·k) instead of the tokens it queries (q·k), which keeps features local."""
-    B, T, W = x.shape
-    q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-    q, k, v = (t.unflatten(-1, (attn.heads, -1)).transpose(1, 2) for t in (q, k, v))   # [B, H, T, W/H]
-    scale = q.shape[-1] ** -0.5
-    a = (q @ q.transpose(-2, -1) * scale).softmax(dim=-1) + (k @ k.transpose(-2, -1) * scale).softmax(dim=-1)
-    return attn.out_proj((a @ v).transpose(1, 2).reshape(B, T, W))
 
 
 @torch.no_grad()
@@ -84,22 +70,24 @@ class DenseVisionTransformer(ViTBase):
             raise ValueError(f"positional embedding resized to {tuple(grid.shape[-2:])}, expected {(h, w)}")
         return torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(h * w, -1)], dim=0)
 
-    def tokens(self, images: torch.Tensor, method: str = 'clip') -> torch.Tensor:
+    def tokens_before_last(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] -> the input of the last block [B, 1+L, W]: where the training-free methods
+        (seg_segmentation/methods/) change CLIP."""
+        return run_blocks(self.transformer.resblocks[:-1], self.embed(images))
+
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, 3, H, W] -> last-block output [B, 1+L, W] (before ln_post)."""
-        if method not in DENSE_METHODS:
-            raise ValueError(f"unknown dense method {method!r}; choose one of {DENSE_METHODS}")
-        blocks = self.transformer.resblocks
-        x = run_blocks(blocks[:-1], self.embed(images))
-        last = blocks[-1]
-        if method == 'clip':
-            return last(x)
-        x = x + correlative_attention(last.attn, last.ln_1(x))
-        return x + last.mlp(last.ln_2(x))
+        return self.transformer.resblocks[-1](self.tokens_before_last(images))
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens [..., W] -> ln_post then proj -> [..., D]: how CLIP turns its class token into the image
+        embedding, applied here to any token."""
+        x = self.ln_post(x)
+        return x @ self.proj.to(x.dtype)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, 3, H, W] -> CLIP's image embedding [B, D] (class token after ln_post, proj)."""
-        x = self.ln_post(self.tokens(images)[:, 0])
-        return x @ self.proj.to(x.dtype)
+        return self.head(self.tokens(images)[:, 0])
 
 
 class CLIP(CLIPWithText):
@@ -137,7 +125,7 @@ class CLIP(CLIPWithText):
         """images [B, 3, H, W] (CLIP-normalised) -> [B, D] (not normalised)."""
         return self.visual(images)
 
-    def encode_dense(self, images: torch.Tensor, method: str = 'clip') -> torch.Tensor:
-        """images [B, 3, H, W] -> [B, 1+L, D]: every token (class token first) through ln_post and proj."""
-        x = self.visual.tokens(images, method)
-        return self.visual.ln_post(x) @ self.visual.proj.to(x.dtype)
+    def encode_dense(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] -> [B, 1+L, D]: every token (class token first) through ln_post and proj, the
+        unmodified CLIP (the training-free methods change the last block: seg_segmentation/methods/)."""
+        return self.visual.head(self.visual.tokens(images))

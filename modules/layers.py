@@ -53,16 +53,27 @@ class MultiheadAttention(nn.Module):
         nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, q_in: torch.Tensor, kv_in: Optional[torch.Tensor] = None, causal: bool = False) -> torch.Tensor:
-        B, Tq, W = q_in.shape
+        W = q_in.shape[-1]
         if kv_in is None:
-            q, k, v = F.linear(q_in, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+            q, k, v = self.qkv_heads(q_in)
         else:
-            q = F.linear(q_in, self.in_proj_weight[:W], self.in_proj_bias[:W])
-            k, v = F.linear(kv_in, self.in_proj_weight[W:], self.in_proj_bias[W:]).chunk(2, dim=-1)
-        # [B, T, W] -> [B, H, T, W/H]
-        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        return self.out_proj(out.transpose(1, 2).reshape(B, Tq, W))
+            q = self.split_heads(F.linear(q_in, self.in_proj_weight[:W], self.in_proj_bias[:W]))
+            k, v = (self.split_heads(t) for t in
+                    F.linear(kv_in, self.in_proj_weight[W:], self.in_proj_bias[W:]).chunk(2, dim=-1))
+        return self.merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+
+    def split_heads(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, T, W] -> [B, H, T, W/H] (head j = channels j*W/H ... (j+1)*W/H - 1)."""
+        return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+    def qkv_heads(self, x: torch.Tensor):
+        """x [B, T, W] (already layer-normed) -> q, k, v, each [B, H, T, W/H]: the in-projection's three thirds,
+        for the training-free segmenters, which replace the attention matrix but keep these projections."""
+        return tuple(self.split_heads(t) for t in F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1))
+
+    def merge_heads(self, out: torch.Tensor) -> torch.Tensor:
+        """Per-head outputs [B, H, T, W/H] -> out_proj of their concatenation [B, T, W]."""
+        return self.out_proj(out.transpose(1, 2).flatten(2))
 
 
 def clip_mlp(width: int) -> nn.Sequential:

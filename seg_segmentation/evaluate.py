@@ -30,8 +30,7 @@ from .datasets import CUSTOM_DATASET, LAYOUTS, DatasetError, ZeroShotSegDataset,
 from .inference import ZeroShotSegmentor, slide_windows, unwrap_model
 
 IGNORE_INDEX = 255
-DENSE_METHODS = ('sclip', 'clip')            # training-free, on a plain CLIP (modules/clip.py)
-METHODS = ('segclip',) + DENSE_METHODS
+SEGCLIP = 'segclip'
 
 
 def intersect_and_union(pred: torch.Tensor, gt: torch.Tensor, num_classes: int,
@@ -76,17 +75,6 @@ def _all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return work.cpu()
 
 
-def _amp_dtype(amp) -> Optional[torch.dtype]:
-    if amp in (None, False, 'none', 'off', 'fp32', 'float32'):
-        return None
-    table = {'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16, 'fp16': torch.float16, 'float16': torch.float16}
-    if isinstance(amp, torch.dtype):
-        return amp
-    if amp not in table:
-        raise ValueError(f'unknown amp setting {amp!r}; use off, bf16 or fp16')
-    return table[amp]
-
-
 @dataclasses.dataclass
 class EvalConfig:
     """Every setting of one evaluation (design.md §7.3 defaults: the SegCLIP protocol).
@@ -100,18 +88,19 @@ class EvalConfig:
     resolution / max_long: keep-ratio resize to scale (max_long, resolution) - short side ``resolution``.
     crop / stride: sliding window. batch_size: crops per visual forward (windows of several images are pooled).
     num_workers: DataLoader processes decoding / resizing images.
-    amp: None | 'bf16' | 'fp16': autocast for the visual tower (GPU). The model's own precision (bf16 weights,
-        modules/precision.py) is reported in the settings.
-    device: where the model runs (default: the model's device; the model is moved there).
+    device: where the model runs (default: the model's device; the model is moved there). Precision is the
+        model's own (``modules.precision.set_precision``: bf16 weights), reported in the settings.
     max_images: evaluate only the first N images of the split (quick checks).
     max_image_pixels: images / label maps with more pixels are refused before decoding (0 or None: no limit).
-    method: 'segclip' (the model is a SegCLIP) or the training-free 'sclip' / 'clip' (the model is a plain
-        ``modules.clip.CLIP``; seg_segmentation/dense.py, design.md §12). ``EvalConfig.preset`` fills in a
-        method's published settings for a dataset.
+    method: 'segclip' (the model is a SegCLIP) or a training-free method of ``seg_segmentation.methods`` (the
+        model is that method, a ``TrainingFreeMethod`` holding its CLIP; design.md §12, §13).
+        ``EvalConfig.preset`` fills in a method's published settings for a dataset.
     class_names may also hold per label a list of names (synonyms, seg_segmentation/synonyms.py); for a
         dataset with background, label 0's names then stand for the background whatever they are.
-    logit_scale / prob_thd / area_thd (training-free methods): None = the dataset's SCLIP preset; area_thd 0 = off.
+    logit_scale / prob_thd / area_thd (training-free methods): set by ``preset``; area_thd 0 or None = off.
     pamr_steps / pamr_dilations: PAMR refinement at the original size (any method; 0 steps = off).
+    knobs: the training-free method's own settings (e.g. NACLIP's gaussian_std); ``preset`` fills in its values
+        for the dataset.
     """
     dataset: str = 'voc'
     data_root: Optional[str] = None
@@ -125,7 +114,6 @@ class EvalConfig:
     stride: int = 224
     batch_size: int = 16
     num_workers: int = 2
-    amp: Optional[str] = None
     device: Optional[Union[str, torch.device]] = None
     max_images: Optional[int] = None
     max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS
@@ -136,22 +124,26 @@ class EvalConfig:
     area_thd: Optional[float] = None
     pamr_steps: int = 0
     pamr_dilations: Sequence[int] = (8, 16)
+    knobs: Dict = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def preset(cls, method: str = 'segclip', dataset: str = 'voc', **settings) -> 'EvalConfig':
-        """The published protocol of ``method`` on ``dataset``, with ``settings`` on top. SegCLIP: the defaults
-        above. SCLIP / CLIP: SCLIP's settings (``dense.SCLIP_PRESETS``: short side 336 / 448 / 560, windows 224
-        with stride 112, the 80 prompts, logit_scale / prob_thd / area_thd) and the project's synonym file."""
-        if method not in METHODS:
-            raise UsageError(f'unknown method {method!r}; choose one of {METHODS}')
+    def preset(cls, method: str = SEGCLIP, dataset: str = 'voc', **settings) -> 'EvalConfig':
+        """The published protocol of ``method`` on ``dataset``, with ``settings`` on top (``knobs`` are merged
+        into the method's). SegCLIP: the defaults above. A training-free method: its own settings for the dataset
+        (``TrainingFreeMethod.settings``: resolution, windows, prompts, logit_scale / thresholds / PAMR and its
+        knobs) and the project's synonym file."""
         from .dense import method_defaults
-        base = dict(method=method, dataset=dataset, **method_defaults(method, dataset))
-        if method in DENSE_METHODS:
+        base = method_defaults(method, dataset)
+        knobs = {}
+        if method != SEGCLIP:
+            from .methods import PROTOCOL_KEYS
             from .synonyms import dataset_name_file, read_name_file
-            base.update(_dense_head(cls(dataset=dataset, method=method)))
+            knobs = {k: base.pop(k) for k in list(base) if k not in PROTOCOL_KEYS}
             base['area_thd'] = base['area_thd'] or 0.0
             if dataset in DATASET_CLASSES:
                 base['class_names'] = read_name_file(dataset_name_file(dataset))
+        knobs.update(settings.pop('knobs', None) or {})
+        base.update(method=method, dataset=dataset, knobs=knobs)
         base.update(settings)
         return cls(**base)
 
@@ -278,9 +270,11 @@ def reduce_across_ranks(shard: ShardResult, device: torch.device) -> Tuple[torch
 
 
 def build_report(areas: torch.Tensor, names: Sequence[str], images: int, seconds: float, cfg: EvalConfig,
-                 data_root: str, with_bg: bool, bg_thresh: float, precision: str) -> Dict:
+                 data_root: str, with_bg: bool, bg_thresh: float, precision: str,
+                 method_settings: Optional[Dict] = None) -> Dict:
     """Summed areas -> the result dict: metrics (``areas_to_metrics``), counts, timing, areas and settings."""
     result = areas_to_metrics(areas, names)
+    method_settings = method_settings or {}
     templates = cfg.templates if isinstance(cfg.templates, str) else list(cfg.templates)
     result.update(
         dataset=cfg.dataset, images=images, seconds=seconds, images_per_s=images / seconds if seconds > 0 else None,
@@ -289,43 +283,40 @@ def build_report(areas: torch.Tensor, names: Sequence[str], images: int, seconds
                    label=areas[3].tolist()),
         settings=dict(data_root=data_root, templates=templates, with_bg=with_bg,
                       bg_thresh=bg_thresh if with_bg else None, resolution=cfg.resolution, max_long=cfg.max_long,
-                      crop=cfg.crop, stride=cfg.stride, batch_size=cfg.batch_size, amp=str(cfg.amp),
+                      crop=cfg.crop, stride=cfg.stride, batch_size=cfg.batch_size,
                       precision=precision, device=str(cfg.device), method=cfg.method,
-                      **_method_settings(cfg),
+                      **method_settings,
                       reduce_zero_label=LAYOUTS[cfg.dataset].reduce_zero_label),
     )
     return result
 
 
 def make_segmentor(model, cfg: EvalConfig, names: Sequence[str], with_bg: bool, bg_thresh: float):
-    """The segmentor of ``cfg.method``: ZeroShotSegmentor (SegCLIP) or DenseCLIPSegmentor (SCLIP / CLIP)."""
+    """The segmentor of ``cfg.method``: ZeroShotSegmentor (SegCLIP) or TrainingFreeSegmentor (``model`` is then
+    the training-free method)."""
     classes = cfg.synonyms()
     pamr = dict(pamr_steps=cfg.pamr_steps, pamr_dilations=cfg.pamr_dilations)
-    if cfg.method == 'segclip':
+    if cfg.method == SEGCLIP:
         vocab = dict(class_names=names) if classes is None else dict(classes=classes)
-        return ZeroShotSegmentor(model, templates=cfg.templates, with_bg=with_bg, bg_thresh=bg_thresh,
-                                 amp_dtype=_amp_dtype(cfg.amp), **vocab, **pamr)
-    if cfg.method not in DENSE_METHODS:
-        raise UsageError(f'unknown method {cfg.method!r}; choose one of {METHODS}')
-    from .dense import DenseCLIPSegmentor
-    return DenseCLIPSegmentor(
+        return ZeroShotSegmentor(model, templates=cfg.templates, with_bg=with_bg, bg_thresh=bg_thresh, **vocab, **pamr)
+    from .dense import TrainingFreeSegmentor
+    from .methods import TrainingFreeMethod
+    if not isinstance(model, TrainingFreeMethod) or model.name != cfg.method:
+        raise UsageError(f'method {cfg.method!r} needs its TrainingFreeMethod (seg_segmentation.methods.build_method), '
+                         f'got {type(model).__name__}')
+    return TrainingFreeSegmentor(
         model, classes=classes if classes is not None else [[n] for n in names], templates=cfg.templates,
-        method=cfg.method, crop=cfg.crop, stride=cfg.stride, batch_size=cfg.batch_size,
-        amp_dtype=_amp_dtype(cfg.amp), **_dense_head(cfg), **pamr)
+        crop=cfg.crop, stride=cfg.stride, batch_size=cfg.batch_size, logit_scale=cfg.logit_scale,
+        prob_thd=cfg.prob_thd, area_thd=cfg.area_thd or None, **pamr, **cfg.knobs)
 
 
-def _dense_head(cfg: EvalConfig) -> Dict:
-    """logit_scale / prob_thd / area_thd of a training-free method: the dataset's SCLIP preset where unset."""
-    from .dense import head_settings
-    return head_settings(cfg.dataset, cfg.logit_scale, cfg.prob_thd, cfg.area_thd)
-
-
-def _method_settings(cfg: EvalConfig) -> Dict:
-    """The settings of the method's head that the report records."""
+def _method_settings(cfg: EvalConfig, net) -> Dict:
+    """The settings of the method's head that the report records (a training-free method's knobs as it ran)."""
     out = dict(pamr_steps=cfg.pamr_steps, pamr_dilations=list(cfg.pamr_dilations) if cfg.pamr_steps else None,
                synonyms=cfg.synonyms() is not None)
-    if cfg.method in DENSE_METHODS:
-        out.update(_dense_head(cfg))
+    if cfg.method != SEGCLIP:
+        out.update(logit_scale=cfg.logit_scale, prob_thd=cfg.prob_thd, area_thd=cfg.area_thd or None)
+        out.update(net.knob_values() if hasattr(net, 'knob_values') else cfg.knobs)
     return out
 
 
@@ -333,7 +324,8 @@ def run_zero_shot_eval(model, config: Optional[EvalConfig] = None, on_prediction
                        **settings) -> Dict:
     """Evaluate ``model`` zero-shot on a segmentation split (SegCLIP protocol by default).
 
-    model: SegCLIP (or a DDP wrapper); put in eval mode for the call and restored afterwards.
+    model: SegCLIP (or a DDP wrapper), or for a training-free ``config.method`` that method
+        (``seg_segmentation.methods.build_method``); put in eval mode for the call and restored afterwards.
     config: an EvalConfig; ``settings`` (EvalConfig's fields by keyword) replace its values.
     on_prediction: called as ``on_prediction(img_path, pred)`` with each label map [H, W] (int64, CPU) this rank
         predicts (e.g. to save it).
@@ -368,7 +360,7 @@ def run_zero_shot_eval(model, config: Optional[EvalConfig] = None, on_prediction
     if counted != total:
         raise RuntimeError(f'{counted} images were evaluated across {world} process(es), expected {total}')
     return build_report(areas, names, counted, time.perf_counter() - start, cfg, full.data_root, with_bg, bg_thresh,
-                        model_precision(net))
+                        model_precision(net), _method_settings(cfg, net))
 
 
 def format_table(result: Dict) -> str:

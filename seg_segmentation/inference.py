@@ -64,8 +64,10 @@ def build_text_embedding(model, class_names: Sequence[str], templates='simple', 
 
 def slide_windows(height: int, width: int, crop: IntPair = 224, stride: IntPair = 224) -> List[Tuple[int, int, int, int]]:
     """mmseg's sliding windows (y1, y2, x1, x2): the last row/column is shifted back inside the image; a side
-    smaller than the crop gives one window covering that whole side."""
+    smaller than the crop gives one window covering that whole side. crop 0: one window, the whole image."""
     (ch, cw), (sh, sw) = _pair(crop), _pair(stride)
+    if (ch, cw) == (0, 0):
+        return [(0, height, 0, width)]
     if min(ch, cw, sh, sw) <= 0:
         raise ValueError(f'crop {crop} and stride {stride} must be positive')
     rows = max(height - ch + sh - 1, 0) // sh + 1
@@ -278,7 +280,7 @@ class ZeroShotSegmentor:
 
     def predict_labels(self, *args, **kwargs) -> List[torch.Tensor]:
         """``predict``, under the name every segmentor's label prediction has (the evaluation and the demo call
-        it; seg_segmentation/dense.py's ``predict`` returns logits too)."""
+        it; TrainingFreeSegmentor's ``predict`` returns logits too)."""
         return self.predict(*args, **kwargs)
 
 

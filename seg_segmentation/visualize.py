@@ -47,14 +47,16 @@ class SegmentationDemo:
     """A SegCLIP model + a vocabulary -> per-pixel labels and center assignments for photos of any size.
 
     Args:
-        model: a SegCLIP in eval mode (any device, fp32 or bf16: modules/precision.py); with ``method`` 'sclip' /
-            'clip' a plain ``modules.clip.CLIP`` (the training-free segmenters, design.md §12).
+        model: a SegCLIP in eval mode (any device, fp32 or bf16: modules/precision.py), or with a training-free
+            ``method`` that method (``seg_segmentation.methods``; design.md §12, §13).
         class_names: the vocabulary, without 'background' (background comes from ``bg_thresh`` when ``with_bg``;
-            with sclip / clip from the word 'background' and ``prob_thd``).
-        crop / stride / resolution / max_long / templates: the evaluation's settings (design.md §7.3).
+            with a training-free method from the word 'background' and ``prob_thd``).
+        crop / stride / resolution / max_long / templates: the evaluation's settings (design.md §7.3; crop 0 =
+            the whole image at once).
         max_elements: memory bound of the resize to the photo's size (None: one full-size resize).
-        method / head: 'segclip' | 'sclip' | 'clip'; ``head`` holds DenseCLIPSegmentor's logit_scale / prob_thd /
-            area_thd and PAMR settings (pamr_steps / pamr_dilations also apply to SegCLIP).
+        method / head: 'segclip' or a training-free method's name; ``head`` holds TrainingFreeSegmentor's
+            logit_scale / prob_thd / area_thd, PAMR settings (pamr_steps / pamr_dilations also apply to SegCLIP)
+            and the method's knobs.
     """
 
     def __init__(self, model, class_names: Sequence[str], with_bg: bool = True, bg_thresh: float = 0.8,
@@ -62,7 +64,7 @@ class SegmentationDemo:
                  max_long: int = 2048, max_elements: Optional[int] = DEMO_MAX_ELEMENTS, method: str = "segclip",
                  head: Optional[Dict] = None, synonyms: Optional[Sequence[Sequence[str]]] = None):
         patch = model.patch_size
-        if crop % patch:
+        if method == "segclip" and crop % patch:
             raise UsageError(f"crop size {crop} must be a multiple of the patch size {patch}")
         self.model = model
         self.method, self.head = method, dict(head or {})
@@ -91,10 +93,10 @@ class SegmentationDemo:
                                                templates=self.templates, with_bg=with_bg, bg_thresh=bg_thresh,
                                                **pamr)
         else:
-            from .dense import DenseCLIPSegmentor
-            self.segmentor = DenseCLIPSegmentor(self.model, classes=([["background"]] if with_bg else []) + classes,
-                                                templates=self.templates, method=self.method, crop=self.crop,
-                                                stride=self.stride, **self.head)
+            from .dense import TrainingFreeSegmentor
+            self.segmentor = TrainingFreeSegmentor(self.model, classes=([["background"]] if with_bg else []) + classes,
+                                                   templates=self.templates, crop=self.crop, stride=self.stride,
+                                                   **self.head)
         self.class_names = [c[0] for c in classes]
         self.with_bg, self.bg_thresh = bool(with_bg), float(bg_thresh)
         self.label_names = (["background"] if with_bg else []) + self.class_names
@@ -143,13 +145,20 @@ class SegmentationDemo:
 def load_demo_model(args, device):
     """The model the demo flags ask for (common/cli.py's checkpoint, method and inference groups), read once ->
     (model, head settings for SegmentationDemo, checkpoint path or None). main_seg_vis.py and demo/app.py both
-    call this, so the page and the command line segment with the same model.
+    call this, so the page and the command line segment with the same model. The window flags left unset
+    (``args.resolution`` / ``crop_size`` / ``stride`` / ``templates``) are filled with the method's preset.
 
-    segclip: ``--init_model`` (the released checkpoint, downloaded when missing, when absent). sclip / clip: the
-    plain CLIP of ``--pretrained_clip_name`` with ``--dataset``'s SCLIP head preset (voc for your own classes)."""
+    segclip: ``--init_model`` (the released checkpoint, downloaded when missing, when absent). A training-free
+    method: the CLIP of ``--pretrained_clip_name`` (and its second vision model, ``--vfm``) with the method's preset
+    for ``--dataset`` (voc for your own classes)."""
     from modules.checkpoint import load_segclip, segclip_checkpoint_keys
     from common.download import resolve_segclip_checkpoint
-    head = dict(pamr_steps=args.pamr_steps, pamr_dilations=tuple(args.pamr_dilations))
+    from .dense import resolve_settings
+    settings = resolve_settings(args.method, getattr(args, "dataset", "voc"), args)
+    for flag, key in (("resolution", "resolution"), ("crop_size", "crop"), ("stride", "stride"),
+                      ("templates", "templates")):
+        setattr(args, flag, settings.pop(key))
+    head = settings
     if args.method == "segclip":
         ckpt = resolve_segclip_checkpoint(args.init_model, cache_dir=args.cache_dir, progress=not args.no_progress,
                                           expected_keys=segclip_checkpoint_keys)
@@ -158,15 +167,14 @@ def load_demo_model(args, device):
             raise UsageError(f"--first_stage_layer {args.first_stage_layer} does not match the checkpoint "
                              f"({model.config.first_stage_layer}); leave the flag out")
         return model, head, Path(ckpt)
-    from modules.checkpoint import load_clip
-    from modules.precision import set_precision
-    from .dense import head_settings
+    from .methods import load_method
     if args.init_model is not None:
         raise UsageError(f"--init_model is a SegCLIP checkpoint; --method {args.method} runs the CLIP of "
                          "--pretrained_clip_name")
-    model = set_precision(load_clip(args.pretrained_clip_name, cache_dir=args.cache_dir, device=device,
-                                    activation=args.clip_activation), args.precision).eval()
-    head.update(head_settings(args.dataset, args.logit_scale, args.prob_thd, args.area_thd))
+    model = load_method(args.method, args.pretrained_clip_name, vfm=getattr(args, "vfm", None),
+                        cache_dir=args.cache_dir, device=device, precision=args.precision,
+                        activation=args.clip_activation)
+    head["area_thd"] = head["area_thd"] or None
     return model, head, None
 
 

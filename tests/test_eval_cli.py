@@ -308,7 +308,8 @@ def test_help_explains_every_flag(repo_root):
     assert r.returncode == 0
     for flag in ['--dataset', '--data_root', '--init_model', '--templates', '--bg_thresh', '--resolution',
                  '--crop_size', '--stride', '--batch_size', '--num_workers', '--output', '--device', '--cfg',
-                 '--opts', '--local_rank', '--amp', '--class_names', '--save_pred']:
+                 '--opts', '--local_rank', '--precision', '--class_names', '--save_pred', '--method',
+                 '--output_dir']:
         assert flag in r.stdout
 
 

@@ -68,7 +68,7 @@ def test_flags_override_presets(voc_tree, clip_file, tmp_path, capsys):
 
 @pytest.mark.parametrize('args, msg', [
     (['--method', 'sclip', '--init_model', 'x.bin'], '--init_model is a SegCLIP checkpoint'),
-    (['--logit_scale', '40'], '--logit_scale apply to --method sclip / clip only'),
+    (['--logit_scale', '40'], '--logit_scale apply to the training-free methods only'),
     (['--method', 'sclip', '--area_thd', 'lots'], "expected a number in [0, 1) or 'none'"),
     (['--method', 'sclip', '--pretrained_clip_name', 'nope.pt'], 'neither a file or folder nor one of the known'),
     (['--pamr_steps', '-1'], '--pamr_steps must be >= 0'),

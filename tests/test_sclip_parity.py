@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from modules.clip import CLIP, round_weights_like_clip_load
-from seg_segmentation.dense import DenseCLIPSegmentor
+from seg_segmentation.dense import TrainingFreeSegmentor
+from seg_segmentation.methods import build_method
 from seg_segmentation.pamr import pamr
 from seg_segmentation.synonyms import ClassNamesError, parse_name_lines
 from tests.conftest import SCLIP_REFERENCE_PT
@@ -55,10 +56,20 @@ def test_rounding_is_what_clip_load_does(clip_sd):
                                                   ("plain_224", "images_224", "clip"),
                                                   ("csa_336", "images_336", "sclip")])
 def test_dense_features(sclip_clip, sclip_ref, name, images, method):
+    """The methods' patch features (the recorded tokens after the class token, on the patch grid)."""
     enc = sclip_ref["encode"]
     with torch.no_grad():
-        out = sclip_clip.encode_dense(enc[images], method=method)
-    torch.testing.assert_close(out, enc[name], **FEATURES)
+        out = build_method(method, sclip_clip).dense_features(enc[images], [None] * len(enc[images]))
+    ref = enc[name][:, 1:]
+    torch.testing.assert_close(out.flatten(1, 2), ref, **FEATURES)
+    assert out.shape[1] * out.shape[2] == ref.shape[1] and out.shape[1] == enc[images].shape[-2] // 16
+
+
+def test_plain_clip_tokens(sclip_clip, sclip_ref):
+    """Every token of the unmodified CLIP, class token included."""
+    enc = sclip_ref["encode"]
+    with torch.no_grad():
+        torch.testing.assert_close(sclip_clip.encode_dense(enc["images_224"]), enc["plain_224"], **FEATURES)
 
 
 def test_image_embedding(sclip_clip, sclip_ref):
@@ -80,18 +91,19 @@ def test_positional_embedding_resize_is_sclips_not_segclips(sclip_clip):
 @pytest.fixture(scope="module")
 def segmentors(sclip_clip, sclip_ref):
     p = sclip_ref["pipeline"]
-    return {case: DenseCLIPSegmentor(sclip_clip, name_lines=sclip_ref["config"]["name_lines"], templates="full",
-                                     method="sclip", logit_scale=c["logit_scale"], prob_thd=c["prob_thd"],
-                                     area_thd=c["area_thd"], pamr_steps=c["pamr_steps"], pamr_dilations=(8, 16),
-                                     crop=p["crop"], stride=p["stride"])
+    method = build_method("sclip", sclip_clip)
+    return {case: TrainingFreeSegmentor(method, name_lines=sclip_ref["config"]["name_lines"], templates="full",
+                                        logit_scale=c["logit_scale"], prob_thd=c["prob_thd"],
+                                        area_thd=c["area_thd"], pamr_steps=c["pamr_steps"], pamr_dilations=(8, 16),
+                                        crop=p["crop"], stride=p["stride"])
             for case, c in p["cases"].items()}
 
 
 def test_query_features(segmentors, sclip_ref):
-    seg = segmentors["default"]
-    assert seg.query_words == sclip_ref["text"]["query_words"]
-    assert torch.equal(seg.query_idx, sclip_ref["text"]["query_idx"])
-    torch.testing.assert_close(seg.query_features, sclip_ref["text"]["query_features"], **FEATURES)
+    queries = segmentors["default"].queries
+    assert queries.words == sclip_ref["text"]["query_words"]
+    assert torch.equal(queries.index, sclip_ref["text"]["query_idx"])
+    torch.testing.assert_close(queries.features, sclip_ref["text"]["query_features"], **FEATURES)
 
 
 @pytest.mark.parametrize("case", ["default", "voc21", "pamr"])

@@ -151,7 +151,7 @@ def test_bad_input_gives_clear_error(argv, message, tmp_path, tiny_checkpoint, c
 
 def test_cli_validation(capsys):
     for argv in (["--classes", "a", "--classes_file", "f"], ["--bg_thresh", "1.5"], ["--vis", "bogus"],
-                 ["--stride", "300"], ["--crop_size", "0"]):
+                 ["--stride", "300"], ["--crop_size", "-1"], ["--crop_size", "112", "--stride", "224"]):
         with pytest.raises(UsageError):
             main_seg_vis.get_args(argv)
         assert main_seg_vis.main(argv) == 2
