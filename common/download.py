@@ -30,9 +30,16 @@ from common.state_keys import diff_keys
 SEGCLIP_URL = "https://github.com/ArrowLuo/SegCLIP/releases/download/checkpoint_v0/segclip.bin"
 SEGCLIP_FILENAME = "segclip.bin"
 # OpenAI's URLs carry the file's SHA-256 as the second-to-last path segment; it is checked after download.
+# OpenAI's ViT CLIPs (the URL's folder is the file's SHA-256, checked after every download)
 CLIP_URLS = {
+    "ViT-B/32": "https://openaipublic.azureedge.net/clip/models/"
+                "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
     "ViT-B/16": "https://openaipublic.azureedge.net/clip/models/"
                 "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+    "ViT-L/14": "https://openaipublic.azureedge.net/clip/models/"
+                "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
+    "ViT-L/14@336px": "https://openaipublic.azureedge.net/clip/models/"
+                      "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
 }
 CACHE_ENV = "SEGCLIP_CACHE"
 OFFLINE_ENV = "SEGCLIP_OFFLINE"
