@@ -217,9 +217,14 @@ def add_method_args(p: argparse.ArgumentParser, methods: Mapping, several: bool 
         k = p.add_argument_group("settings of single methods (default: the method's preset for --dataset)")
         for name, users in knobs.items():
             knob = users[0][1]
+            clash = [n for n, kb in users if (kb.type, kb.choices) != (knob.type, knob.choices)]
+            if clash:   # one flag per name: methods sharing a knob name must mean the same kind of value
+                raise ValueError(f"knob {name!r} of {users[0][0]} and {clash[0]} differ in type or choices; "
+                                 "rename one (prefix it with its method's name)")
             kind = _knob_type(knob.type)
             helps = "; ".join(f"{n}: {kb.help} (default {kb.default})" for n, kb in users)
-            k.add_argument(f"--{name}", type=kind, default=None, choices=knob.choices, help=helps)
+            k.add_argument(f"--{name}", type=kind, default=None, choices=knob.choices, help=helps,
+                           metavar="{true,false}" if knob.type is bool else None)
     p.set_defaults(resolution=None, crop_size=None, stride=None, templates=None, _method_knobs=tuple(knobs),
                    _several_methods=several)
     for action in p._actions:

@@ -26,7 +26,7 @@ from modules.tokenization_clip import tokenize
 from seg_segmentation.dense import TrainingFreeSegmentor
 from seg_segmentation.inference import slide_windows
 from seg_segmentation.methods import METHODS, build_method
-from seg_segmentation.methods.base import pad_or_cut
+from seg_segmentation.methods.base import PAD_TO_PATCH, pad_or_cut
 from seg_segmentation.methods.clearclip import ClearCLIP, clear_attention, last_block_attention
 from seg_segmentation.templates import get_templates
 from tests.conftest import FIXTURES
@@ -344,7 +344,7 @@ def test_presets_and_knobs():
     assert set(ClearCLIP.presets) == set(table) == set(ClearCLIP.published)
     assert round(sum(ClearCLIP.published.values()) / 8, 1) == 38.1
     assert ClearCLIP.settings("custom") == ClearCLIP.settings("voc20")
-    assert ClearCLIP.pad_multiple == 16 and not ClearCLIP.renormalize and ClearCLIP.vfm is None
+    assert ClearCLIP.pad_multiple == PAD_TO_PATCH and not ClearCLIP.renormalize and ClearCLIP.vfm is None
 
 
 def test_knob_values(clip):

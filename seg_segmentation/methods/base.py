@@ -34,8 +34,9 @@ from torch import nn
 PROTOCOL_DEFAULTS: Dict[str, Any] = dict(resolution=336, crop=224, stride=112, templates='full', logit_scale=40.0,
                                          prob_thd=0.0, area_thd=None, pamr_steps=0, pamr_dilations=(8, 16))
 PROTOCOL_KEYS = tuple(PROTOCOL_DEFAULTS)
-# the preset a dataset of your own gets (--dataset custom, the demo's own class names): no background class
+# the preset a dataset of your own gets (--dataset custom): no background class
 CUSTOM_PRESET = 'voc20'
+PAD_TO_PATCH = -1     # pad_multiple: pad windows to a multiple of the CLIP's own patch size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +86,8 @@ class TrainingFreeMethod(nn.Module):
         pad_multiple: 0 - a window side that is not a multiple of the patch size loses its remainder in the visual
             pass (the patch convolution drops it) and the grid's logits are stretched over the whole window;
             n > 0 - such a window is zero-padded (in normalised space) to the next multiple of n, half before and
-            the rest after, and the logits are cut back (windows smaller than the crop only).
+            the rest after, and the logits are cut back (windows smaller than the crop only); PAD_TO_PATCH - the
+            same with n = the CLIP's patch size (16 for ViT-B/16, 14 for ViT-L/14).
         renormalize: the returned class probabilities are divided by their sum over classes after the threshold.
         vfm: the default second vision model ('--vfm'), or None when the method uses CLIP alone.
     """
@@ -116,12 +118,17 @@ class TrainingFreeMethod(nn.Module):
 
     @classmethod
     def settings(cls, dataset: str) -> Dict[str, Any]:
-        """The method's published protocol and knob values for ``dataset`` (a dataset it has no preset for, e.g.
-        your own, gets its no-background preset, ``CUSTOM_PRESET``)."""
+        """The method's published protocol and knob values for ``dataset``: ``defaults`` with the dataset's
+        ``presets`` entry on top; a benchmark without an entry keeps the defaults, and a dataset of your own
+        (``custom``) gets the no-background benchmark's preset, ``CUSTOM_PRESET``."""
+        from ..classes import DATASET_CLASSES
         out = dict(PROTOCOL_DEFAULTS)
         out.update({k.name: k.default for k in cls.knobs})
         out.update(cls.defaults)
-        out.update(cls.presets.get(dataset, cls.presets.get(CUSTOM_PRESET, {})))
+        if dataset in cls.presets:
+            out.update(cls.presets[dataset])
+        elif dataset not in DATASET_CLASSES:      # a benchmark without an entry keeps the defaults
+            out.update(cls.presets.get(CUSTOM_PRESET, {}))
         return out
 
     def configure(self, **knobs) -> 'TrainingFreeMethod':
@@ -162,7 +169,8 @@ class TrainingFreeMethod(nn.Module):
         """Windows [B, 3, h, w] -> cosine logits [B, Q, h, w]: every patch feature (L2-normalised) against every
         query, the patch grid resized bilinearly (align_corners False) to the window."""
         h, w = crops.shape[-2:]
-        padded, box = pad_or_cut(crops, self.patch_size, self.pad_multiple)
+        multiple = self.patch_size if self.pad_multiple == PAD_TO_PATCH else self.pad_multiple
+        padded, box = pad_or_cut(crops, self.patch_size, multiple)
         feats = F.normalize(self.dense_features(padded, states).float(), dim=-1)      # [B, gh, gw, D]
         logits = (feats @ queries.features.T).permute(0, 3, 1, 2)                      # [B, Q, gh, gw]
         logits = F.interpolate(logits, size=padded.shape[-2:] if box else (h, w), mode='bilinear',

@@ -11,7 +11,7 @@ available as a knob but is not the default.
 """
 import torch
 
-from .base import Knob, TrainingFreeMethod
+from .base import PAD_TO_PATCH, Knob, TrainingFreeMethod
 
 
 def last_block_attention(q: torch.Tensor, k: torch.Tensor, model_type: str) -> torch.Tensor:
@@ -55,9 +55,9 @@ class ClearCLIP(TrainingFreeMethod):
     # paper Table 1, CLIP ViT-B/16 (mean 38.1)
     published = dict(voc=51.8, context=32.6, coco=33.0, voc20=80.9, context59=35.9, coco_stuff=23.9,
                      cityscapes=30.0, ade20k=16.7)
-    # a window side that is not a multiple of 16 is zero-padded centred and its logits cut back, as ClearCLIP
-    # does (never the case with its presets: every crop is a multiple of 16 and no side is shorter than the crop)
-    pad_multiple = 16
+    # a window side that is not a multiple of the patch size is zero-padded centred and its logits cut back, as
+    # ClearCLIP does (never the case with its presets: every crop is a multiple of 16 and no side is shorter)
+    pad_multiple = PAD_TO_PATCH
 
     def dense_features(self, crops: torch.Tensor, states) -> torch.Tensor:
         h, w = crops.shape[-2:]
