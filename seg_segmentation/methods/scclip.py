@@ -25,7 +25,7 @@ MID_SCALE = 3.0           # sharpness of the middle-layer attention
 VIT_B = dict(pre_adjust_idx=8, post_adjust_idx=3, multi_start_idx=3, multi_end_idx=10, res_cls=0.3)
 VIT_L = dict(pre_adjust_idx=16, post_adjust_idx=6, multi_start_idx=8, multi_end_idx=19, res_cls=0.1)
 MIN_DEPTH = 4             # the shallowest ViT whose scaled ViT-B indices are all block outputs
-BY_DEPTH = "unset: by the CLIP's depth, {} on 12 blocks, {} on 24, else the 12-block value x depth/12 rounded down"
+BY_DEPTH = 'unset: {0} on a 12-block CLIP, {1} on 24 blocks, else {0} x blocks / 12 rounded down'
 
 
 def layer_rule(depth: int) -> Dict[str, Optional[float]]:
@@ -102,15 +102,15 @@ class SCCLIP(TrainingFreeMethod):
     paper = ('Bai, Liu, Han, Zhang, Tang, arXiv 2411.15869 (2024), "Self-Calibrated CLIP for Training-Free '
              'Open-Vocabulary Segmentation"')
     knobs = (
-        Knob('pre_adjust_idx', int, None, 'block whose output (outliers repaired) gives the similarities that pool '
-             'the tokens and steer the last attention; ' + BY_DEPTH.format(8, 16)),
+        Knob('pre_adjust_idx', int, None, 'block (from 0) whose output, outliers repaired, gives the similarities '
+             'that pool the tokens and steer the last attention; ' + BY_DEPTH.format(8, 16)),
         Knob('post_adjust_idx', int, None, 'block whose output gives the similarities that pool the result; ' +
              BY_DEPTH.format(3, 6)),
         Knob('multi_start_idx', int, None, 'first block of the summed multi-level features; ' +
              BY_DEPTH.format(3, 8)),
         Knob('multi_end_idx', int, None, 'end (exclusive) of the summed blocks; ' + BY_DEPTH.format(10, 19)),
-        Knob('res_cls', float, None, 'weight of the class token added to every output token; unset: 0.1 for '
-             '24 blocks, else 0.3'),
+        Knob('res_cls', float, None, 'weight of the class token added to every output token; unset: 0.1 on a '
+             '24-block CLIP, else 0.3'),
     )
     # SC-CLIP's configs: short side 336 (560 Cityscapes), 224 windows with stride 112, 80 prompts, no PAMR
     defaults = dict(resolution=336, crop=224, stride=112, logit_scale=40.0, prob_thd=0.0)
