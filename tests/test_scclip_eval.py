@@ -63,7 +63,8 @@ def test_voc_preset_and_saved_predictions(voc_tree, clip12, tmp_path, capsys):
     s = res['settings']
     # SC-CLIP's VOC21 config, the ViT-B/16 layer indices (12 blocks), the project's synonym file
     assert (s['method'], s['resolution'], s['crop'], s['stride'], s['templates']) == ('scclip', 336, 224, 112, 'full')
-    assert (s['logit_scale'], s['prob_thd'], s['area_thd'], s['pamr_steps'], s['synonyms']) == (50.0, 0.15, 0.1, 0, True)
+    assert (s['logit_scale'], s['prob_thd'], s['area_thd'], s['pamr_steps'], s['synonyms']) == \
+        (50.0, 0.15, 0.1, 0, True)
     assert (s['pre_adjust_idx'], s['post_adjust_idx'], s['multi_start_idx'], s['multi_end_idx'], s['res_cls']) == \
         (8, 3, 3, 10, 0.3)
     assert res['images'] == 3 and res['num_classes'] == 21
@@ -80,8 +81,9 @@ def test_voc_preset_and_saved_predictions(voc_tree, clip12, tmp_path, capsys):
 
 def test_flags_override_and_the_layer_rule_on_four_blocks(voc_tree, clip_file, plain_names, tmp_path, capsys):
     rc, _, err = _main(['--method', 'scclip', '--dataset', 'voc', '--data_root', voc_tree, '--pretrained_clip_name',
-                        clip_file, '--class_names', plain_names, '--prob_thd', '0.3', '--logit_scale', '45', '--multi_start_idx', '0',
-                        '--resolution', '224', '--max_images', '1', '--output', tmp_path / 'r.json'] + FAST, capsys)
+                        clip_file, '--class_names', plain_names, '--prob_thd', '0.3', '--logit_scale', '45',
+                        '--multi_start_idx', '0', '--resolution', '224', '--max_images', '1',
+                        '--output', tmp_path / 'r.json'] + FAST, capsys)
     assert rc == 0, err
     s = json.loads((tmp_path / 'r.json').read_text())['settings']
     assert (s['logit_scale'], s['prob_thd'], s['area_thd'], s['resolution']) == (45.0, 0.3, 0.1, 224)
@@ -97,7 +99,8 @@ def test_flags_override_and_the_layer_rule_on_four_blocks(voc_tree, clip_file, p
 def test_layer_errors_are_one_line(blocks, flags, msg, voc_tree, reference, plain_names, tmp_path, capsys):
     clip = clip_with_blocks(reference, tmp_path / 'clip.pt', blocks)
     rc, _, err = _main(['--method', 'scclip', '--dataset', 'voc', '--data_root', voc_tree, '--pretrained_clip_name',
-                        clip, '--class_names', plain_names, '--resolution', '224', '--max_images', '1'] + flags + FAST, capsys)
+                        clip, '--class_names', plain_names, '--resolution', '224', '--max_images', '1'] + flags + FAST,
+                       capsys)
     assert rc == 2 and msg in err and 'Traceback' not in err
     assert len(err.strip().splitlines()) == 1
 

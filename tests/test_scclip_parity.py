@@ -20,14 +20,13 @@ import copy
 import pytest
 import torch
 
+from common.errors import UsageError
 from modules.clip import CLIP, round_weights_like_clip_load
 from modules.precision import set_precision
 from seg_segmentation.dense import TrainingFreeSegmentor
 from seg_segmentation.inference import slide_windows
-from seg_segmentation.methods import METHODS, build_method
-from seg_segmentation.methods import scclip
+from seg_segmentation.methods import METHODS, build_method, scclip
 from seg_segmentation.methods.scclip import SCCLIP, layer_rule, lof_scores, repair
-from common.errors import UsageError
 from tests.conftest import FIXTURES, SCLIP_REFERENCE_PT
 
 FEATURES, LOGITS = dict(atol=1e-5, rtol=0), dict(atol=1e-4, rtol=0)
@@ -251,7 +250,7 @@ def test_presets_and_published_numbers(ref):
             (cfg['short_side'], cfg['slide_crop'], cfg['slide_stride'], cfg['pamr_steps']), name
         assert (s['logit_scale'], s['prob_thd'], s['area_thd']) == \
             (cfg['logit_scale'], cfg['prob_thd'], cfg['area_thd']), name
-        assert {k: v for k, v in layer_rule(12).items()} == {k: cfg[k] for k in layer_rule(12)}
+        assert layer_rule(12) == {k: cfg[k] for k in layer_rule(12)}, name
         assert SCCLIP.published[DATASETS[name]] == ref['published'][name]
     assert METHODS['scclip'] is SCCLIP and ref['config']['knobs'] == layer_rule(12)
 

@@ -80,7 +80,7 @@ def cosine(tokens: torch.Tensor) -> torch.Tensor:
 def aggregate(tokens: torch.Tensor, simi: torch.Tensor) -> torch.Tensor:
     """Each token -> the mean of the tokens similar to it: simi [B, N, N] below BETA set to 0, rows normalised."""
     c = simi.masked_fill(simi < BETA, 0.0)
-    return (c / (c.sum(-1, keepdim=True) + 1e-6)).to(tokens.dtype) @ tokens
+    return (c / (c.sum(-1, keepdim=True) + 1e-6)).to(tokens.dtype) @ tokens            # [B, N, W]
 
 
 def calibrated_attention(attn, x: torch.Tensor, mid_simi: torch.Tensor) -> torch.Tensor:
@@ -128,7 +128,7 @@ class SCCLIP(TrainingFreeMethod):
         return len(self.clip.visual.transformer.resblocks)
 
     def knob_values(self) -> Dict:
-        """The knobs as they run: those not set from the CLIP's depth (``layer_rule``)."""
+        """The knobs as they run: each one left unset comes from the CLIP's depth (``layer_rule``)."""
         rule = layer_rule(self.depth)
         return {k: rule[k] if v is None else v for k, v in super().knob_values().items()}
 
