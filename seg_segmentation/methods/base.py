@@ -49,7 +49,10 @@ class Knob:
     choices: Optional[Tuple] = None
 
     def check(self, value, method: str):
-        """value -> value of the right type; ValueError naming the knob when it is not allowed."""
+        """value -> value of the right type; ValueError naming the knob when it is not allowed. None is allowed
+        where the default is None (the method then decides, e.g. from the model's depth)."""
+        if value is None and self.default is None:
+            return None
         if self.type is bool:
             if not isinstance(value, bool):
                 raise ValueError(f'{method}: {self.name} must be true or false, got {value!r}')
