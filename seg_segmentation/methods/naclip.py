@@ -93,7 +93,7 @@ class NACLIP(TrainingFreeMethod):
     )
     # its configs with the paper's main table's PAMR off (the repository's README table is --pamr_steps 10, whose
     # dilations (8, 16) are the default): short side 336 (560 Cityscapes), windows 224/112 except the whole-image VOC
-    # runs. Every dataset is listed: one without an entry would get the voc20 (whole-image) preset.
+    # runs.
     defaults = dict(resolution=336, crop=224, stride=112, logit_scale=40.0, prob_thd=0.0, pamr_steps=0)
     presets = {
         'voc': dict(crop=0, prob_thd=0.1),
