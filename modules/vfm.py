@@ -75,11 +75,15 @@ VFM_CONFIGS = {
 
 
 class Attention(nn.Module):
-    """DINO's attention: one ``qkv`` Linear (with bias), ``proj``. x [B, T, C] -> [B, T, C]."""
+    """DINO's attention: one ``qkv`` Linear (with bias), ``proj``. x [B, T, C] -> [B, T, C].
 
-    def __init__(self, width: int, heads: int):
+    fused: through ``scaled_dot_product_attention`` (DINOv2's code), else softmax(q·kᵀ·d^-½)·v written out (DINO's):
+    the two round differently (~1e-6), and ProxyCLIP's hard cut of the similarities at 0 turns such a difference
+    into 1e-3 on the rows it flips, so each family computes as its own code does."""
+
+    def __init__(self, width: int, heads: int, fused: bool = True):
         super().__init__()
-        self.heads = heads
+        self.heads, self.fused = heads, fused
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
@@ -88,7 +92,12 @@ class Attention(nn.Module):
         return self.qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.scaled_dot_product_attention(*self.qkv_heads(x))               # [B, heads, T, C/heads]
+        q, k, v = self.qkv_heads(x)                                              # [B, heads, T, C/heads]
+        if self.fused:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            attn = ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(dim=-1, dtype=torch.float32)
+            out = attn.to(v.dtype) @ v
         return self.proj(out.transpose(1, 2).flatten(2))
 
 
@@ -121,7 +130,7 @@ class Block(nn.Module):
         super().__init__()
         W = cfg.width
         self.norm1 = LayerNorm(W, eps=LN_EPS)
-        self.attn = Attention(W, cfg.heads)
+        self.attn = Attention(W, cfg.heads, fused=cfg.family == 'dinov2')
         self.norm2 = LayerNorm(W, eps=LN_EPS)
         self.mlp = SwiGLU(W, cfg.mlp_hidden) if cfg.swiglu else nn.Sequential(OrderedDict([
             ("fc1", nn.Linear(W, cfg.mlp_hidden)), ("act", nn.GELU()), ("fc2", nn.Linear(cfg.mlp_hidden, W))]))
