@@ -52,7 +52,8 @@ def test_voc_preset_and_saved_predictions(voc_tree, clip_file, vfm_file, tmp_pat
     assert rc == 0, err
     res = json.loads((tmp_path / 'r.json').read_text())
     s = res['settings']
-    assert (s['method'], s['resolution'], s['crop'], s['stride'], s['templates']) == ('proxyclip', 336, 336, 112, 'full')
+    assert (s['method'], s['resolution'], s['crop'], s['stride'], s['templates']) == \
+        ('proxyclip', 336, 336, 112, 'full')
     assert (s['logit_scale'], s['prob_thd'], s['area_thd'], s['pamr_steps']) == (40.0, 0.2, None, 0)
     assert (s['proxy_beta'], s['proxy_gamma'], s['vfm']) == (1.2, 3.0, str(vfm_file))
     assert res['images'] == 3 and res['num_classes'] == 21

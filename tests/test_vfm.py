@@ -56,7 +56,8 @@ def dinov2(ref):
 
 def test_sizes_from_the_tensors(ref, dino, dinov2):
     assert (dino.patch_size, dino.width, dino.heads, dino.num_registers, len(dino.blocks)) == (8, 128, 2, 0, 4)
-    assert (dinov2.patch_size, dinov2.width, dinov2.heads, dinov2.num_registers, len(dinov2.blocks)) == (14, 128, 2, 4, 4)
+    assert (dinov2.patch_size, dinov2.width, dinov2.heads, dinov2.num_registers, len(dinov2.blocks)) == \
+        (14, 128, 2, 4, 4)
     assert dino.config.family == "dino" and dinov2.config.family == "dinov2"
     assert (dino.config.grid, dinov2.config.grid, dino.config.mlp_hidden) == (28, 16, 512)
     for model, sd in ((dino, ref["dino_state_dict"]), (dinov2, ref["dinov2_state_dict"])):
@@ -185,7 +186,8 @@ def test_load_by_name_from_the_cache(files, ref, tmp_path, monkeypatch):
     (cache / "dino_vitbase8_pretrain.pth").write_bytes(files["dino"].read_bytes())
     with pytest.raises(CheckpointError) as err:   # the tiny model is not the released ViT-B/8
         load_vfm("dino_vitb8", cache_dir=cache)
-    assert "holds a DINO ViT width 128, 4 blocks, patch 8, not dino_vitb8 (DINO ViT width 768, 12 blocks" in str(err.value)
+    assert ("holds a DINO ViT width 128, 4 blocks, patch 8, not dino_vitb8 (DINO ViT width 768, 12 blocks"
+            in str(err.value))
     monkeypatch.setitem(VFM_CONFIGS, "dino_vitb8", config_from_state_dict(ref["dino_state_dict"]))
     model = load_vfm("dino_vitb8", cache_dir=cache)
     assert model.patch_size == 8 and model.width == 128
