@@ -24,7 +24,7 @@ from modules.layers import resize_positions
 from modules.state_dict import CheckpointError
 from modules.vfm import VFM_CONFIGS, VisionTransformerVFM, config_from_state_dict, meta_state_dict
 from tests.conftest import FIXTURES
-from tests.test_download import server  # noqa: F401 - the HTTP server fixture
+from tests.test_download import _free_port_url, server  # noqa: F401 - the HTTP server fixture
 
 PROXYCLIP_PT = FIXTURES / "proxyclip_reference.pt"
 FEATURES = dict(atol=1e-5, rtol=0)
@@ -202,6 +202,14 @@ def test_offline_says_which_file_to_put_where(tmp_path, monkeypatch):
     msg = str(err.value)
     assert len(msg.splitlines()) == 1 and "SEGCLIP_OFFLINE" in msg
     assert str(tmp_path / "c" / "dinov2_vitb14_reg4_pretrain.pth") in msg and VFM_URLS["dinov2_vitb14_reg"] in msg
+    monkeypatch.delenv("SEGCLIP_OFFLINE")   # no network: nothing listens at the URL
+    url = _free_port_url() + "/dinov2/dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth"
+    monkeypatch.setitem(download.VFM_URLS, "dinov2_vitb14_reg", url)
+    with pytest.raises(DownloadError) as err:
+        load_vfm("dinov2_vitb14_reg", cache_dir=tmp_path / "c")
+    msg = str(err.value)
+    assert len(msg.splitlines()) == 1 and "could not download" in msg and url in msg and "curl -L -o" in msg
+    assert str(tmp_path / "c" / "dinov2_vitb14_reg4_pretrain.pth") in msg and os.listdir(tmp_path / "c") == []
 
 
 def test_download_checks_the_tensors(server, files, ref, tmp_path, monkeypatch):  # noqa: F811
