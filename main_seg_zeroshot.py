@@ -235,7 +235,7 @@ def evaluate_pair(args, method, dataset, class_names, env, loaded, save_pred):
     result['settings'].update(init_model=args.init_model if method == cli.SEGCLIP else None,
                               world_size=env.world_size, tag=args.tag,
                               clip_weights=args.pretrained_clip_name if method != cli.SEGCLIP else None,
-                              vfm=getattr(args, 'vfm', None) if getattr(model, 'vfm', None) is not None else None)
+                              vfm=(getattr(args, 'vfm', None) or model.vfm) if getattr(model, 'vfm', None) else None)
     return cfg, result
 
 

@@ -206,8 +206,11 @@ def add_method_args(p: argparse.ArgumentParser, methods: Mapping, several: bool 
     vfm_users = [n for n, cls in methods.items() if cls.vfm]
     if vfm_users:
         g.add_argument("--vfm", default=None, metavar="NAME_OR_FILE",
-                       help=f"{', '.join(vfm_users)}: the second vision model (a name, downloaded when missing, or "
-                            "a checkpoint file in its official layout; default: the method's, "
+                       help=f"{', '.join(vfm_users)}: the second vision model, DINO or DINOv2. A name - dino_vits8, "
+                            "dino_vits16, dino_vitb8, dino_vitb16, dinov2_vit{s,b,l,g}14 and each dinov2 one with "
+                            "_reg (registers) - is the official file from dl.fbaipublicfiles.com, downloaded into "
+                            "--cache_dir when missing (offline: put it there; docs/evaluation.md); or a checkpoint "
+                            "file in the official DINO / DINOv2 layout, read weights-only (default: the method's, "
                             + ", ".join(f"{n} {methods[n].vfm}" for n in vfm_users) + ")")
     knobs: Dict[str, list] = {}
     for n, cls in methods.items():
@@ -277,6 +280,12 @@ def check_method(args, methods: Mapping) -> None:
     if getattr(args, "vfm", None) is not None and not any(methods[m].vfm for m in free):
         users = [m for m, cls in methods.items() if cls.vfm]
         raise UsageError(f"--vfm is the second vision model of {', '.join(users)}, not of --method {args.method}")
+    if getattr(args, "vfm", None) is not None:
+        from common.download import VFM_URLS
+        if args.vfm not in VFM_URLS and not os.path.isfile(args.vfm):
+            what = "is a folder, not a checkpoint file" if os.path.isdir(args.vfm) else \
+                "is neither a checkpoint file nor one of the known models"
+            raise UsageError(f"--vfm {args.vfm} {what} ({', '.join(VFM_URLS)})")
     if args.logit_scale is not None and not 0 < args.logit_scale < float("inf"):
         raise UsageError(f"--logit_scale must be a positive number, got {args.logit_scale}")
     if args.prob_thd is not None and not 0.0 <= args.prob_thd <= 1.0:

@@ -1,4 +1,5 @@
-"""Find model weights on disk, or fetch them once: the released SegCLIP checkpoint and OpenAI's CLIP ViT-B/16.
+"""Find model weights on disk, or fetch them once: the released SegCLIP checkpoint, OpenAI's CLIP ViT-B/16 and the
+DINO / DINOv2 vision models of ProxyCLIP and CASS.
 
 Downloads stream into a hidden temporary file next to the destination and are moved into place with an atomic
 rename only after they are complete and verified, so an interrupted or corrupt download never leaves a file that
@@ -40,6 +41,25 @@ CLIP_URLS = {
                 "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
     "ViT-L/14@336px": "https://openaipublic.azureedge.net/clip/models/"
                       "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
+}
+# The second vision models of ProxyCLIP / CASS (design.md §14): the files their torch.hub entries download, read
+# here with torch.load(weights_only=True) and never through torch.hub (which runs the repository's code). No
+# checksums are published for them: a download is checked by its keys and shapes (``verify``, from the caller).
+_DINO = "https://dl.fbaipublicfiles.com/dino"
+_DINOV2 = "https://dl.fbaipublicfiles.com/dinov2"
+VFM_URLS = {
+    "dino_vits8": f"{_DINO}/dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth",
+    "dino_vits16": f"{_DINO}/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth",
+    "dino_vitb8": f"{_DINO}/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth",
+    "dino_vitb16": f"{_DINO}/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth",
+    "dinov2_vits14": f"{_DINOV2}/dinov2_vits14/dinov2_vits14_pretrain.pth",
+    "dinov2_vits14_reg": f"{_DINOV2}/dinov2_vits14/dinov2_vits14_reg4_pretrain.pth",
+    "dinov2_vitb14": f"{_DINOV2}/dinov2_vitb14/dinov2_vitb14_pretrain.pth",
+    "dinov2_vitb14_reg": f"{_DINOV2}/dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth",
+    "dinov2_vitl14": f"{_DINOV2}/dinov2_vitl14/dinov2_vitl14_pretrain.pth",
+    "dinov2_vitl14_reg": f"{_DINOV2}/dinov2_vitl14/dinov2_vitl14_reg4_pretrain.pth",
+    "dinov2_vitg14": f"{_DINOV2}/dinov2_vitg14/dinov2_vitg14_pretrain.pth",
+    "dinov2_vitg14_reg": f"{_DINOV2}/dinov2_vitg14/dinov2_vitg14_reg4_pretrain.pth",
 }
 CACHE_ENV = "SEGCLIP_CACHE"
 OFFLINE_ENV = "SEGCLIP_OFFLINE"
@@ -267,3 +287,22 @@ def resolve_clip_weights(name_or_path: PathLike, cache_dir: Optional[PathLike] =
         return path
     raise MissingFileError(f"CLIP weights not found: {name!r} is neither a file nor one of the known models "
                             f"{sorted(CLIP_URLS)}")
+
+
+def resolve_vfm_weights(name_or_path: PathLike, cache_dir: Optional[PathLike] = None, url: Optional[str] = None,
+                        verify: Optional[Callable[[Path], None]] = None, progress: bool = True) -> Path:
+    """DINO / DINOv2 weights (``--vfm``): a name of ``VFM_URLS`` -> ``<cache>/<the official file name>``, downloaded
+    when missing and checked by ``verify`` (raises to reject the file); an existing path -> returned as is."""
+    name = str(name_or_path)
+    if name in VFM_URLS or url is not None:
+        url = url or VFM_URLS[name]
+        dest = default_cache_dir(cache_dir) / Path(urllib.parse.urlparse(url).path).name
+        if dest.is_file():
+            return dest
+        print(f"vision model {name} not found at {dest}", flush=True)
+        return download_file(url, dest, verify=verify, progress=progress)
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    raise MissingFileError(f"vision model weights not found: {name!r} is neither a file nor one of the known models "
+                           f"{', '.join(VFM_URLS)}")

@@ -1,4 +1,4 @@
-"""Reading checkpoints safely: SegCLIP state dicts and OpenAI CLIP weights (design.md §3, §9).
+"""Reading checkpoints safely: SegCLIP state dicts, OpenAI CLIP weights and DINO / DINOv2 (design.md §3, §9, §14).
 
 Files are read with ``torch.load(weights_only=True)`` (no arbitrary pickles); OpenAI's TorchScript archives,
 ``.safetensors`` files and Hugging Face CLIP folders by ``modules.clip_formats``, which runs no code from a file.
@@ -13,9 +13,10 @@ from typing import Dict, Mapping, Optional, Union
 
 import torch
 
-from common.download import resolve_clip_weights
+from common.download import resolve_clip_weights, resolve_vfm_weights
 from common.errors import brief
 from common.fileio import TMP_MARK
+from common.state_keys import diff_keys
 from .clip import CLIP
 from .clip_formats import (ClipWeights, is_safetensors, is_torchscript, read_hf_folder, read_safetensors,
                            read_torchscript_state_dict, to_openai_layout)
@@ -23,6 +24,7 @@ from .config import SegCLIPConfig
 from .modeling import SegCLIP
 from .precision import set_precision
 from .state_dict import CLIP_EXTRA_KEYS, CheckpointError, as_state_dict, check_finite, require_keys
+from .vfm import VFM_CONFIGS, VisionTransformerVFM, describe, meta_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -169,3 +171,42 @@ def segclip_checkpoint_keys(**config) -> set:
     ViT-B/16 checkpoint (415 keys). Built on the meta device: no memory, no initialisation."""
     with torch.device("meta"):
         return set(SegCLIP(SegCLIPConfig(**config)).state_dict())
+
+
+# ---------------------------------------------------------------------------------------------- DINO / DINOv2
+def load_vfm(name_or_file, cache_dir: Optional[str] = None, device: Union[str, torch.device] = "cpu"
+             ) -> VisionTransformerVFM:
+    """The second vision model of ProxyCLIP / CASS (``--vfm``; design.md §14) -> ``modules.vfm.VisionTransformerVFM``
+    in eval mode on ``device``.
+
+    A name of ``common.download.VFM_URLS`` ('dino_vitb8', 'dinov2_vitb14_reg', ...): the official file in the cache,
+    downloaded when missing and accepted only when it holds exactly that model's tensors (no checksums are
+    published). A file: a DINO / DINOv2 state dict in the official layout, every size read from its tensors."""
+    name = str(name_or_file)
+    expected = VFM_CONFIGS.get(name)
+    path = resolve_vfm_weights(name, cache_dir=cache_dir, verify=lambda p: check_vfm_file(p, name))
+    sd = load_state_dict_file(path)
+    try:
+        model = VisionTransformerVFM.from_state_dict(sd)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    if expected is not None and model.config != expected:
+        raise CheckpointError(f"{path} holds a {describe(model.config)}, not {name} ({describe(expected)}); "
+                              f"{_REDOWNLOAD}")
+    logger.info("loaded %s from %s (%.1fM parameters)", describe(model.config), path,
+                sum(p.numel() for p in model.parameters()) / 1e6)
+    return model.to(device).eval()
+
+
+def check_vfm_file(path: PathLike, name: str) -> None:
+    """ValueError unless the file at ``path`` holds exactly the tensors (names and shapes) of the released ``name``:
+    the check of a downloaded DINO / DINOv2 file (read memory-mapped, nothing loaded whole)."""
+    try:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as e:  # noqa: BLE001 - whatever torch raises, the file is not a weights-only checkpoint
+        raise ValueError(f"not a loadable state dict: {brief(e)}") from None
+    if not isinstance(sd, Mapping):
+        raise ValueError(f"holds a {type(sd).__name__}, not a state dict")
+    diff = diff_keys(meta_state_dict(VFM_CONFIGS[name]), sd)
+    if diff:
+        raise ValueError(f"expected the tensors of the released {name}: {diff.describe(limit=3)}")

@@ -10,16 +10,14 @@ The towers are built from the layers SegCLIP uses (``modules.layers``; the text 
 ``modeling.CLIP``). The training-free segmenters (seg_segmentation/methods/, design.md §12-§13) replace the last
 visual block with their own computation on ``tokens_before_last`` and finish with ``visual.head``.
 """
-import math
 from typing import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .clip_formats import ACTIVATIONS
 from .config import SegCLIPConfig, clip_config
-from .layers import MultiheadAttention, Transformer, run_blocks
+from .layers import MultiheadAttention, Transformer, resize_positions, run_blocks
 from .modeling import CLIP as CLIPWithText
 from .modeling import ViTBase
 from .state_dict import CLIP_EXTRA_KEYS, load_into, require_keys
@@ -55,20 +53,11 @@ class DenseVisionTransformer(ViTBase):
         super().__init__(cfg, Transformer(cfg.vision_width, cfg.vision_layers, cfg.vision_heads))
 
     def positional_embedding_for(self, h: int, w: int) -> torch.Tensor:
-        """[1+h*w, W] as SCLIP resizes it: the stored √N×√N patch grid, bicubic with ``scale_factor`` =
-        ((h+0.1)/√N, (w+0.1)/√N) - not ``size=`` - so the sampling positions are those of that factor, which
-        differ slightly from SegCLIP's resize to the same grid (``ViTBase.positional_embedding_for``)."""
-        pos = self.positional_embedding
-        n = pos.shape[0] - 1
-        side = math.sqrt(n)
-        if (h, w) == (int(side), int(side)):
-            return pos
-        grid = pos[1:].reshape(1, int(side), int(side), -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid.float(), scale_factor=((h + 0.1) / side, (w + 0.1) / side), mode="bicubic",
-                             align_corners=False).to(pos.dtype)
-        if grid.shape[-2:] != (h, w):   # floor(√N·(g+0.1)/√N) = g for any grid a real image gives
-            raise ValueError(f"positional embedding resized to {tuple(grid.shape[-2:])}, expected {(h, w)}")
-        return torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(h * w, -1)], dim=0)
+        """[1+h*w, W] as SCLIP resizes it (``layers.resize_positions``, DINO's rule): the stored √N×√N patch grid,
+        bicubic with ``scale_factor`` = ((h+0.1)/√N, (w+0.1)/√N) - not ``size=`` - so the sampling positions are
+        those of that factor, which differ slightly from SegCLIP's resize to the same grid
+        (``ViTBase.positional_embedding_for``)."""
+        return resize_positions(self.positional_embedding, h, w)
 
     def tokens_before_last(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, 3, H, W] -> the input of the last block [B, 1+L, W]: where the training-free methods

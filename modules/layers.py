@@ -4,6 +4,7 @@ Parameter names follow OpenAI CLIP (``attn.in_proj_weight``, ``attn.out_proj``, 
 CLIP and SegCLIP checkpoints load unchanged; the computation goes through
 ``F.scaled_dot_product_attention`` (fused kernels on CPU and GPU) instead of ``nn.MultiheadAttention``.
 """
+import math
 from collections import OrderedDict
 from typing import Optional
 
@@ -117,3 +118,24 @@ def run_blocks(blocks: nn.Module, x: torch.Tensor) -> torch.Tensor:
     for block in blocks:
         x = block(x)
     return x
+
+
+def resize_positions(pos: torch.Tensor, h: int, w: int, offset: float = 0.1, antialias: bool = False) -> torch.Tensor:
+    """A ViT's positional table [1+N, W] (class entry first, then a √N×√N patch grid) -> [1+h*w, W] for an h×w
+    patch grid: the stored table when the grid is √N×√N, else the class entry and the grid resized bicubically
+    (align_corners False) in float32, as DINO does and the CLIP methods (SCLIP and its successors) copied.
+
+    offset > 0: ``scale_factor`` ((h+offset)/√N, (w+offset)/√N), not ``size=`` - the offset keeps the output grid
+    h×w under rounding, and the sampling positions are those of that factor (DINO, CLIP, DINOv2 without
+    registers: 0.1). offset 0: ``size=(h, w)`` (DINOv2 with registers). antialias: PyTorch's antialiased bicubic
+    (PIL's kernel, a = -0.5) instead of a = -0.75 (DINOv2 with registers)."""
+    n = pos.shape[0] - 1
+    side = math.sqrt(n)
+    if (h, w) == (int(side), int(side)):
+        return pos
+    grid = pos[1:].reshape(1, int(side), int(side), -1).permute(0, 3, 1, 2).float()
+    how = dict(scale_factor=((h + offset) / side, (w + offset) / side)) if offset else dict(size=(h, w))
+    grid = F.interpolate(grid, mode="bicubic", align_corners=False, antialias=antialias, **how).to(pos.dtype)
+    if grid.shape[-2:] != (h, w):   # floor(√N·(g+0.1)/√N) = g for any grid a real image gives
+        raise ValueError(f"positional embedding resized to {tuple(grid.shape[-2:])}, expected {(h, w)}")
+    return torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(h * w, -1)], dim=0)

@@ -16,9 +16,10 @@ package says only what is particular to it:
         def dense_features(self, crops, states):      # [B, 3, h, w] -> [B, gh, gw, D] patch features
             ...
 
-A method is an ``nn.Module`` that holds its frozen model(s) (``self.clip``, and ``self.vfm`` where it needs one),
-so moving it to a device or casting it to bf16 (``modules.precision.set_precision``) moves and casts everything it
-computes with. Its knobs are plain attributes, set (and checked) by ``configure``.
+A method is an ``nn.Module`` that holds its frozen model(s) (``self.clip``, and ``self.vfm_model`` where it needs a
+second vision model: the class attribute ``vfm`` names that model's default, and would hide a submodule of the same
+name), so moving it to a device or casting it to bf16 (``modules.precision.set_precision``) moves and casts
+everything it computes with. Its knobs are plain attributes, set (and checked) by ``configure``.
 """
 import dataclasses
 from typing import Any, ClassVar, Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -92,7 +93,8 @@ class TrainingFreeMethod(nn.Module):
             the rest after, and the logits are cut back (windows smaller than the crop only); PAD_TO_PATCH - the
             same with n = the CLIP's patch size (16 for ViT-B/16, 14 for ViT-L/14).
         renormalize: the returned class probabilities are divided by their sum over classes after the threshold.
-        vfm: the default second vision model ('--vfm'), or None when the method uses CLIP alone.
+        vfm: the default second vision model ('--vfm'), or None when the method uses CLIP alone; the method
+            receives the loaded model as its constructor's ``vfm`` and holds it as ``self.vfm_model``.
     """
     name: ClassVar[str] = ''
     year: ClassVar[int] = 0
