@@ -39,9 +39,14 @@ def full_size_clip(seed: int = 0) -> CLIP:
 
 
 def full_size_vfm(name: str, seed: int = 0):
-    """A second vision model of the real size (random weights): its official layout, built by modules.vfm."""
-    from modules import vfm
-    return vfm.random_vfm(name, seed=seed).eval()
+    """A second vision model of the real size (random weights): the official architecture of ``name``."""
+    from modules.vfm import VFM, VFM_CONFIGS
+    torch.manual_seed(seed)
+    model = VFM(VFM_CONFIGS[name])
+    with torch.no_grad():
+        for p in (model.cls_token, model.pos_embed):
+            p.normal_(0, 0.02)
+    return model.eval()
 
 
 def photos(n: int, seed: int = 0):

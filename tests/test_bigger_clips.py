@@ -76,10 +76,13 @@ def test_open_clip_metaclip_style_patch14(tmp_path):
     _check(ours, oc.encode_image, oc.encode_text, 112)
 
 
-def _vfm_for(name, tiny_l14):
-    """A second vision model for the methods that need one: a tiny DINO of the CLIP's width."""
-    vfm_mod = pytest.importorskip('modules.vfm', reason='the vision foundation models have not landed')
-    return vfm_mod.tiny_random_vfm(METHODS[name].vfm, width=tiny_l14.visual.conv1.weight.shape[0], seed=0)
+def _vfm_for(name):
+    """A second vision model for the methods that need one: the ProxyCLIP fixture's tiny DINO ViT (width 128, as
+    the tiny CLIP: CASS maps DINO's heads onto CLIP's)."""
+    from modules.vfm import VFM
+    from tests.conftest import FIXTURES
+    sd = torch.load(FIXTURES / 'proxyclip_reference.pt', map_location='cpu', weights_only=True)['dino_state_dict']
+    return VFM.from_state_dict({k: v.float() for k, v in sd.items()}).eval()
 
 
 @pytest.mark.parametrize('name', list(METHODS))
@@ -87,7 +90,7 @@ def test_every_method_runs_on_a_patch14_clip(name, tiny_l14_file):
     """Each method with its VOC21 preset (at a smaller short side) on the 24x24-grid CLIP: labels at the original
     size, finite probabilities, and the windows of two images batched equal to one image at a time."""
     clip = load_clip(str(tiny_l14_file))
-    vfm = _vfm_for(name, clip) if METHODS[name].vfm else None
+    vfm = _vfm_for(name) if METHODS[name].vfm else None
     method = build_method(name, clip, vfm=vfm)
     settings = METHODS[name].settings('voc')
     seg = TrainingFreeSegmentor(method, name_lines=NAMES, **settings)
