@@ -15,7 +15,7 @@ import torch
 
 from common.download import resolve_clip_weights
 from common.errors import brief
-from common.fileio import TMP_MARK
+from common.fileio import temporary_owner
 from .clip import CLIP
 from .clip_formats import (ClipWeights, is_safetensors, is_torchscript, read_hf_folder, read_safetensors,
                            read_torchscript_state_dict, to_openai_layout)
@@ -72,7 +72,7 @@ def unreadable_checkpoint(path: Path, e: BaseException) -> CheckpointError:
     if low.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head")) or b"<html" in low[:512]:
         return CheckpointError(f"{path} is an HTML page ({size:,} bytes), not a checkpoint: the download saved an "
                                f"error or sign-in page instead of the file; {_REDOWNLOAD}")
-    if path.name.endswith(".part") or TMP_MARK in path.name:
+    if path.name.endswith(".part") or temporary_owner(path.name) is not None:   # a browser's or ours
         return CheckpointError(f"{path} is the temporary file of an unfinished download ({size:,} bytes); "
                                f"{_REDOWNLOAD}")
     if head.startswith(b"PK\x03\x04") and not zipfile.is_zipfile(path):

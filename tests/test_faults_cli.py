@@ -15,6 +15,7 @@ import main_seg_zeroshot
 from common import download
 from common.download import DownloadError, resolve_segclip_checkpoint
 from common.errors import brief
+from common.fileio import temporary_name
 from modules.checkpoint import CheckpointError, load_segclip, load_state_dict_file
 from tests.test_train_loop import tiny_store  # noqa: F401  (fixture)
 
@@ -44,7 +45,7 @@ def damaged(tmp_path, tiny_checkpoint):
         "empty": (tmp_path / "empty.bin", b""),
         "html": (tmp_path / "segclip.bin", b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head></html>\n"),
         "truncated": (tmp_path / "cut.bin", data[: len(data) // 2]),
-        "partial": (tmp_path / ".segclip.bin.tmp-4242", data[: len(data) // 3]),
+        "partial": (temporary_name(tmp_path / "segclip.bin"), data[: len(data) // 3]),
         "legacy_truncated": (tmp_path / "old.bin", None),
     }
     for name, (path, content) in files.items():
@@ -187,12 +188,13 @@ def test_stale_temporaries_are_removed_by_the_next_download(slow_server, tmp_pat
     url, handler = slow_server
     cache = tmp_path / "cache"
     cache.mkdir()
-    stale = [cache / ".segclip.bin.k3j2h1.part", cache / ".segclip.bin.tmp-999999999"]   # killed runs
-    for p in stale:
-        p.write_bytes(b"half")
-    (cache / "keep.txt").write_text("not ours")
+    from tests.test_infer_faults import killed_runs_temporary
+    killed_runs_temporary(cache / "segclip.bin").write_bytes(b"half")       # a killed download's
+    for name in (".segclip.bin.k3j2h1.part", ".segclip.bin.tmp-999999999", "keep.txt"):   # not ours: kept
+        (cache / name).write_text("not ours")
     download.download_file(url, cache / "segclip.bin", progress=False)
-    assert sorted(os.listdir(cache)) == ["keep.txt", "segclip.bin"]
+    assert sorted(os.listdir(cache)) == [".segclip.bin.k3j2h1.part", ".segclip.bin.tmp-999999999", "keep.txt",
+                                         "segclip.bin"]
 
 
 def test_unwritable_cache_is_one_line(tmp_path, capsys, monkeypatch):

@@ -154,8 +154,10 @@ def test_lr_1e30_stops_with_one_clear_line(repo_root, tmp_path, tiny_clip_file, 
 
 # ---------------------------------------------------------------------------------------------- disk
 def test_full_disk_while_saving_says_no_space_left(reference, tmp_path, monkeypatch):
-    (tmp_path / f".{STATE_NAME}.tmp-999999999").write_bytes(b"left by a killed run")
-    (tmp_path / f".pytorch_model.bin.0.tmp-{os.getpid()}x").write_bytes(b"not ours: no pid suffix")
+    from tests.test_infer_faults import killed_runs_temporary
+    killed = killed_runs_temporary(tmp_path / STATE_NAME)
+    killed.write_bytes(b"left by a killed run")
+    (tmp_path / f".pytorch_model.bin.0.tmp-{os.getpid()}x").write_bytes(b"not ours: a user's file")
 
     def full(obj, f, *a, **k):
         f.write(b"partial")
@@ -164,8 +166,9 @@ def test_full_disk_while_saving_says_no_space_left(reference, tmp_path, monkeypa
     with pytest.raises(OutputError, match=f"no space left on the device while writing {tmp_path}/pytorch_model.bin.0"):
         train(make_model(reference["clip_state_dict"]), RandomPairs(4), cfg_for(tmp_path, epochs=1), DistEnv())
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert not any(".tmp-9" in n for n in names)                     # the killed run's temporary: removed
-    assert not any(n.startswith(".pytorch_model.bin.0.tmp-") and n.endswith(str(os.getpid())) for n in names)
+    assert killed.name not in names                                  # the killed run's temporary: removed
+    assert f".pytorch_model.bin.0.tmp-{os.getpid()}x" in names         # a user's file: kept
+    assert not any(n.startswith(".segclip-tmp-") for n in names)       # this run's own temporary: gone
     assert "pytorch_model.bin.0" not in names
 
 
