@@ -94,6 +94,10 @@ def build_parser():
                    help="training_state.pt to continue from (mid-epoch, same batches)")
     g.add_argument("--resume", choices=["auto"], default=None,
                    help="'auto': continue from OUTPUT_DIR/training_state.pt when it exists, else start fresh")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --output_dir that holds an earlier run's training state, replacing "
+                        "its training_state.pt and metrics.jsonl (without it, such a folder is refused unless "
+                        "--resume auto continues it)")
     g.add_argument("--stop_after_steps", type=int, default=0,
                    help="stop after this many optimizer steps in total (the schedule still spans --epochs); "
                         "the state is saved so that --resume auto continues (for time-limited jobs)")
@@ -121,6 +125,9 @@ def get_args(argv=None):
         raise UsageError("nothing to do: pass --do_pretrain")
     if args.resume_model and args.resume:
         raise UsageError("give either --resume_model FILE or --resume auto, not both")
+    if args.overwrite and args.resume:
+        raise UsageError("give either --resume auto (continue the run in --output_dir) or --overwrite (start "
+                         "afresh there), not both")
     if args.plain_clip and args.use_seglabel:
         raise UsageError("--plain_clip trains without centers, so the superpixel loss has nothing to act on: "
                          "drop --use_seglabel")
@@ -227,7 +234,7 @@ def main(argv=None) -> int:
             progress=not args.no_progress, steps_per_epoch=args.steps_per_epoch)
         check_batch_layout(cfg, env.world_size)
         resume_state = load_resume_state(env, args.output_dir, resume_model=args.resume_model,
-                                         auto=args.resume == "auto")
+                                         auto=args.resume == "auto", overwrite=args.overwrite)
 
         random.seed(args.seed)
         np.random.seed(args.seed)

@@ -264,12 +264,12 @@ def main(argv=None) -> int:
     if args.clip_epochs > 0:
         times["train_clip"] = run_step("train_clip", common + [
             "--plain_clip", "--epochs", args.clip_epochs, "--lr", args.clip_lr, "--lower_lr", args.clip_lr,
-            "--freeze_layer_num", -1, "--output_dir", clip_dir] + mae_flag, logs, threads=threads)
+            "--freeze_layer_num", -1, "--output_dir", clip_dir, "--overwrite"] + mae_flag, logs, threads=threads)
         init = ["--init_model", last_checkpoint(clip_dir, args.clip_epochs)]
     times["train"] = run_step("train", common + init + [
         "--epochs", args.epochs, "--lr", args.lr, "--lower_lr", args.lower_lr,
         "--freeze_layer_num", -1,   # -1: no block frozen (the CLIP moves at --lower_lr only); as in 2022 the
-        "--output_dir", train_dir]  # patch embedding stays frozen
+        "--output_dir", train_dir, "--overwrite"]  # patch embedding stays frozen; a rerun starts afresh
         + ["--use_seglabel"] * use_seglabel + mae_flag, logs, threads=threads)
     checkpoint = last_checkpoint(train_dir, args.epochs)
 

@@ -166,20 +166,45 @@ def restore_training_state(state: Mapping[str, Any], *, model, optimizer, schedu
     return pos
 
 
+def _refuse_fresh_start(found: Optional[Path], resume_model: Optional[PathLike], overwrite: bool) -> Optional[str]:
+    """Rank 0, without --resume auto: None to go on (after deleting an earlier state when ``overwrite``), else the
+    one line that refuses to replace an earlier run's training state."""
+    if found is None:
+        return None
+    if resume_model and Path(resume_model).resolve() == found.resolve():
+        return None                      # continuing this folder's own state, named explicitly
+    if overwrite:
+        found.unlink(missing_ok=True)
+        logger.info("--overwrite: deleted the training state of an earlier run, %s; starting afresh", found)
+        return None
+    return (f"{found.parent} holds the training state of an earlier run ({STATE_NAME}); use --resume auto to "
+            f"continue it, or choose another --output_dir, or pass --overwrite to start afresh (that replaces its "
+            f"{STATE_NAME} and metrics.jsonl)")
+
+
 def load_resume_state(env: DistEnv, output_dir: Optional[PathLike], resume_model: Optional[PathLike] = None,
-                      auto: bool = False) -> Optional[Dict[str, Any]]:
+                      auto: bool = False, overwrite: bool = False) -> Optional[Dict[str, Any]]:
     """The training state to continue from (``--resume_model FILE`` or ``--resume auto``), or None to start fresh.
 
     With ``--resume auto`` rank 0 decides whether there is a state and tells the others; every rank then reads
     ``OUTPUT_DIR/training_state.pt`` on its own filesystem. A rank without the file, or with a copy of another
     step, fails on every rank with one line naming it -- rather than ranks starting at different steps and hanging
     in mismatched collectives.
+
+    Without ``--resume auto``, a training state already in ``output_dir`` (an earlier run's progress) is never
+    overwritten by default: ResumeError, unless ``overwrite`` (``--overwrite``: that state is then deleted here,
+    so that the folder never pairs it with the new run's files) or ``resume_model`` is that very file.
     """
+    found = find_resume_file(output_dir) if (output_dir is not None and env.is_main) else None
+    if not auto:
+        refusal = _refuse_fresh_start(found, resume_model, overwrite) if env.is_main else None
+        refusal = broadcast_object(env, refusal)
+        if refusal is not None:
+            raise ResumeError(refusal)
     if resume_model:
         choice = str(resume_model)
     else:                   # --resume auto: rank 0 decides whether there is a state; each rank reads its own copy
-        found = find_resume_file(output_dir) if (auto and env.is_main) else None
-        choice = str(Path(output_dir) / STATE_NAME) if broadcast_object(env, found is not None) else None
+        choice = str(Path(output_dir) / STATE_NAME) if broadcast_object(env, auto and found is not None) else None
     if choice is None:
         if auto and env.is_main:
             logger.info("--resume auto: no training state in %s, starting fresh", output_dir)

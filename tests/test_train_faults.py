@@ -321,3 +321,37 @@ def test_data_flags_are_checked_before_clip_is_fetched(repo_root, tmp_path):
                        env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert p.stderr.strip().splitlines()[-1] == f"error: --cc_store {tmp_path / 'no_such_store'} does not exist"
+
+
+# ---------------------------------------------------------------------------------------------- an earlier run's progress
+def _run(repo_root, clip_file, store, out, *extra, timeout=240):
+    return subprocess.run(_train_args(clip_file, store, out, *extra), cwd=repo_root, env=_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_fresh_start_on_a_folder_with_a_training_state_is_refused(repo_root, tmp_path, tiny_clip_file, tiny_store):
+    """Issue 21, bad 2. Before: a second run without --resume auto restarted silently and overwrote
+    training_state.pt and metrics.jsonl (step 4 -> 1). Now: one line, exit 2, both files byte for byte as they
+    were; --overwrite starts afresh on purpose."""
+    out = tmp_path / "run"
+    first = _run(repo_root, tiny_clip_file, tiny_store, out, "--epochs", "1")      # 8 pairs, batch 2: 4 steps
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    state, metrics = (out / STATE_NAME).read_bytes(), (out / METRICS_NAME).read_bytes()
+    assert load_training_state(out / STATE_NAME)["global_step"] == 4
+
+    again = _run(repo_root, tiny_clip_file, tiny_store, out, "--epochs", "1")
+    assert again.returncode == 2, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stderr.strip().splitlines() == [
+        f"error: {out} holds the training state of an earlier run (training_state.pt); use --resume auto to "
+        "continue it, or choose another --output_dir, or pass --overwrite to start afresh (that replaces its "
+        "training_state.pt and metrics.jsonl)"]
+    assert "building" not in again.stdout and "parameters:" not in again.stdout     # refused before the model
+    assert (out / STATE_NAME).read_bytes() == state and (out / METRICS_NAME).read_bytes() == metrics
+
+    both = _run(repo_root, tiny_clip_file, tiny_store, out, "--resume", "auto", "--overwrite")
+    assert both.returncode == 2 and "not both" in both.stderr and len(both.stderr.strip().splitlines()) == 1
+
+    fresh = _run(repo_root, tiny_clip_file, tiny_store, out, "--epochs", "1", "--overwrite", "--stop_after_steps", "2")
+    assert fresh.returncode == 0, fresh.stdout[-3000:] + fresh.stderr[-3000:]
+    assert load_training_state(out / STATE_NAME)["global_step"] == 2
+    assert [r["step"] for r in read_metrics(out / METRICS_NAME, "step")] == [1, 2]
