@@ -20,7 +20,7 @@ from common.errors import UsageError
 from engine.distributed import broadcast_object, cleanup, init_distributed, on_main_process
 from modules.precision import PRECISIONS
 from seg_segmentation.classes import BG_THRESH, DATASET_CLASSES, parse_class_list
-from seg_segmentation.datasets import CUSTOM_DATASET, LAYOUTS, resolve_data_root
+from seg_segmentation.datasets import CUSTOM_DATASET, LAYOUTS, refuse_output_inside_dataset, resolve_data_root
 from seg_segmentation.methods import METHODS
 from seg_segmentation.templates import TEMPLATES
 
@@ -137,6 +137,12 @@ def check_inputs(args) -> None:
     """Data, weights, outputs and device, before any model is loaded (a typo must not cost a model load)."""
     for dataset, root in args.data_roots.items():
         resolve_data_root(dataset, root)
+        for method in args.methods:     # no output among the dataset's own files (e.g. over its label maps)
+            outputs = (('--save_pred', pred_folder(args, method, dataset)), ('--output', args.output),
+                       ('--output_dir', args.output_dir))
+            for flag, path in outputs:
+                if path is not None:
+                    refuse_output_inside_dataset(path, flag, dataset, root)
     free = [m for m in args.methods if m != cli.SEGCLIP]
     if free:
         check_clip_weights(args.pretrained_clip_name)
@@ -149,6 +155,13 @@ def check_inputs(args) -> None:
     cli.check_writable_dir(args.output_dir, '--output_dir')
     cli.check_writable_dir(args.save_pred, '--save_pred')
     cli.resolve_device(args.device)
+
+
+def pred_folder(args, method: str, dataset: str):
+    """Where the label maps of one pair go: --save_pred itself, or its <method>/<dataset> with --output_dir."""
+    if not args.save_pred:
+        return None
+    return args.save_pred if args.output_dir is None else osp.join(args.save_pred, method, dataset)
 
 
 def check_clip_weights(name: str) -> None:
@@ -261,8 +274,7 @@ def run_table(args, class_names, env) -> None:
             continue
         if env.is_main:
             print(f'[{n}/{len(pairs)}] {method} on {dataset}', flush=True)
-        save_pred = str(Path(args.save_pred) / method / dataset) if args.save_pred else None
-        _, result = evaluate_pair(args, method, dataset, class_names, env, loaded, save_pred)
+        _, result = evaluate_pair(args, method, dataset, class_names, env, loaded, pred_folder(args, method, dataset))
         results.setdefault(method, {})[dataset] = result['mIoU']
         if env.is_main:
             print(format_table(result), flush=True)

@@ -20,7 +20,7 @@ import torch
 from . import mmcv_compat  # noqa: F401  (before any mmseg import: mmcv-lite lacks the compiled ops)
 from .classes import COCO_OBJECT_CLASSES
 from .preprocessing import eval_image_tensor
-from common.errors import SegCLIPError
+from common.errors import SegCLIPError, UsageError
 from common.images import DEFAULT_MAX_IMAGE_PIXELS, ImageReadError, ImageTooLargeError, check_image_size
 
 logger = logging.getLogger(__name__)
@@ -140,6 +140,24 @@ def resolve_data_root(dataset: str, data_root: Optional[str]) -> str:
                if p and not osp.exists(osp.join(root, p))]
     raise DatasetError(f'{dataset}: {root!r} is not laid out as expected (missing: {", ".join(missing)}). '
                        'Expected layout:\n' + layout.describe(root))
+
+
+def dataset_folders(dataset: str, data_root: Optional[str]) -> Tuple[str, str]:
+    """(image folder, annotation folder) of ``dataset`` under its data root (``resolve_data_root``)."""
+    root = resolve_data_root(dataset, data_root)
+    layout = LAYOUTS[dataset]
+    return osp.join(root, layout.img_dir), osp.join(root, layout.ann_dir)
+
+
+def refuse_output_inside_dataset(path: str, flag: str, dataset: str, data_root: Optional[str]) -> None:
+    """UsageError when the output ``path`` (a file or folder) lies in ``dataset``'s image or annotation folder:
+    predictions written there would replace or sit among the ground truth (the next evaluation would score them)."""
+    target = osp.realpath(path)
+    for what, folder in zip(('image', 'annotation'), dataset_folders(dataset, data_root)):
+        folder = osp.realpath(folder)
+        if osp.commonpath([target, folder]) == folder:
+            raise UsageError(f'{flag} {path} is inside the {what} folder of the {dataset} dataset ({folder}); '
+                             'writing there could replace its files: choose a folder outside the dataset')
 
 
 def build_mmseg_dataset(dataset: str, data_root: Optional[str]):
