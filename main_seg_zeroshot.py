@@ -68,8 +68,9 @@ def build_parser():
                         'table DIR/results.md, DIR/results.csv; a rerun skips the pairs already done with the same '
                         'settings')
     g.add_argument('--save_pred', default=None,
-                   help='folder for the predicted label maps (palette PNGs named <image id>.png; with --output_dir '
-                        'one sub-folder <method>/<dataset> per pair)')
+                   help='folder for the predicted label maps (palette PNGs named <image id>.png, the id being the '
+                        'image\'s path below the dataset\'s image folder, sub-folders kept; with --output_dir one '
+                        'sub-folder <method>/<dataset> per pair)')
     g.add_argument('--seed', type=int, default=cli.PAPER_SEED,
                    help='seed of the freshly initialised centers of --init_model none (the evaluation itself is '
                         'deterministic)')
@@ -191,21 +192,34 @@ def load_model(args, method: str, device, loaded: dict):
     return load_segclip(path, device=device, use_vision_mae_recon=False, precision=args.precision)
 
 
-def make_prediction_writer(folder: str, dataset: str):
-    """on_prediction callback: each label map -> <folder>/<image name>.png (palette PNG, VOC colours), written
-    atomically; temporaries a killed earlier run left in ``folder`` are removed first."""
+def make_prediction_writer(folder: str, dataset: str, data_root):
+    """on_prediction callback: each label map -> <folder>/<image id>.png (palette PNG, VOC colours), written
+    atomically. The id is the image's path below the dataset's image folder without its suffix, sub-folders kept
+    (cityscapes' frankfurt/..., split files naming a/img and b/img), so no two images share a file; temporaries a
+    killed earlier run left in a folder are removed before the first write into it."""
     from pathlib import Path
     from common.fileio import remove_stale_temporaries
+    from seg_segmentation.datasets import DatasetError, dataset_folders
     from seg_segmentation.drawing import voc_palette
     from seg_segmentation.outputs import save_label_png
-    remove_stale_temporaries(folder)
     palette = voc_palette()
     suffix = LAYOUTS[dataset].img_suffix
+    img_dir = dataset_folders(dataset, data_root)[0]
+    written, cleaned = {}, set()
 
     def write(img_path: str, pred: torch.Tensor):
-        name = osp.basename(img_path)
-        name = name[:-len(suffix)] if name.endswith(suffix) else osp.splitext(name)[0]
-        save_label_png(Path(folder) / (name + '.png'), pred.numpy(), palette)
+        rel = osp.relpath(img_path, img_dir)
+        if rel.startswith(osp.pardir + osp.sep) or osp.isabs(rel):   # a split line such as ../../x
+            raise DatasetError(f'{img_path} is not below the image folder {img_dir}; its prediction has no name '
+                               'inside --save_pred')
+        image_id = rel[:-len(suffix)] if rel.endswith(suffix) else osp.splitext(rel)[0]
+        target = Path(folder) / (image_id + '.png')
+        if written.setdefault(target, img_path) != img_path:
+            raise DatasetError(f'{written[target]} and {img_path} would both be saved as {target}; rename one')
+        if target.parent not in cleaned:
+            remove_stale_temporaries(target.parent)
+            cleaned.add(target.parent)
+        save_label_png(target, pred.numpy(), palette)
     return write
 
 
@@ -243,7 +257,7 @@ def evaluate_pair(args, method, dataset, class_names, env, loaded, save_pred):
     if ('method', method) not in loaded:   # loaded also keeps the CLIP (and VFM) the training-free methods share
         loaded['method', method] = load_model(args, method, env.device, loaded)
     model = loaded['method', method]
-    writer = make_prediction_writer(save_pred, dataset) if save_pred else None
+    writer = make_prediction_writer(save_pred, dataset, args.data_roots[dataset]) if save_pred else None
     result = run_zero_shot_eval(model, cfg, on_prediction=writer)
     result['settings'].update(init_model=args.init_model if method == cli.SEGCLIP else None,
                               world_size=env.world_size, tag=args.tag,

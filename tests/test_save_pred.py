@@ -2,10 +2,12 @@
 per image id, the id's sub-path kept."""
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 import main_seg_zeroshot
-from tests.helpers import write_fake_dataset
+from tests.helpers import random_image, random_label_map, write_fake_dataset
 
 SMALL = ['--resolution', '112', '--crop_size', '112', '--stride', '112', '--num_workers', '0', '--no_progress']
 
@@ -37,3 +39,32 @@ def test_outputs_inside_the_dataset_are_refused(flag, where, tmp_path, tiny_chec
                                f'({root / where.split("/")[0]}); writing there could replace its files: choose a '
                                'folder outside the dataset\n'), err
     assert _files(root) == before
+
+
+def _voc_with_sub_paths(root: Path) -> Path:
+    """A VOC-layout split whose ids have sub-folders: a/img and b/img share a base name (sizes differ)."""
+    rng = np.random.default_rng(0)
+    ids = {'a/img': (96, 64), 'b/img': (64, 96), 'c/deep/er/img': (80, 80)}
+    for name, (w, h) in ids.items():
+        lab = random_label_map(rng, h, w, 21)
+        for folder, image, suffix in (('JPEGImages', random_image(rng, (w, h), labels=lab), '.jpg'),
+                                      ('SegmentationClass', Image.fromarray(lab), '.png')):
+            (root / folder / name).parent.mkdir(parents=True, exist_ok=True)
+            image.save(root / folder / (name + suffix))
+    (root / 'ImageSets' / 'Segmentation').mkdir(parents=True)
+    (root / 'ImageSets' / 'Segmentation' / 'val.txt').write_text('\n'.join(ids) + '\n')
+    return root
+
+
+def test_predictions_keep_the_image_ids_sub_path(tmp_path, tiny_checkpoint, capsys):
+    """Before: files were named by the id's base name, so a/img and b/img left one img.png for two images."""
+    root = _voc_with_sub_paths(tmp_path / 'VOC2012')
+    preds = tmp_path / 'preds'
+    rc = main_seg_zeroshot.main(['--dataset', 'voc', '--data_root', str(root), '--init_model', str(tiny_checkpoint),
+                                 '--save_pred', str(preds)] + SMALL)
+    assert rc == 0, capsys.readouterr().err
+    assert sorted(str(p.relative_to(preds)) for p in preds.rglob('*') if p.is_file()) == [
+        'a/img.png', 'b/img.png', 'c/deep/er/img.png']
+    for name, size in (('a/img', (96, 64)), ('b/img', (64, 96)), ('c/deep/er/img', (80, 80))):
+        with Image.open(preds / f'{name}.png') as im:     # each image's own prediction, at its own size
+            assert im.size == size and im.mode == 'P'
