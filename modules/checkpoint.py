@@ -33,8 +33,15 @@ WRAPPER_KEYS = ("state_dict", "model", "module")
 def load_state_dict_file(path: PathLike) -> Dict[str, torch.Tensor]:
     """path -> {name: tensor} on CPU.  Accepts a plain state dict, a dict wrapping one under 'state_dict' /
     'model', a DDP-prefixed ('module.') dict, a TorchScript archive (OpenAI CLIP files; read without running it)
-    or a ``.safetensors`` file."""
+    or a ``.safetensors`` file.
+
+    Every weights file the project reads passes here (SegCLIP checkpoints, CLIP weights of every format, the weights
+    file of a Hugging Face folder), so this is where NaN / inf values are refused, whatever the format."""
     path = Path(path)
+    return check_finite(_read_state_dict_file(path), source=str(path))
+
+
+def _read_state_dict_file(path: Path) -> Dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
     if is_torchscript(path):
@@ -51,7 +58,7 @@ def load_state_dict_file(path: PathLike) -> Dict[str, torch.Tensor]:
     for key in WRAPPER_KEYS:
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
-    return check_finite(as_state_dict(obj, source=str(path)), source=str(path))
+    return as_state_dict(obj, source=str(path))
 
 
 _REDOWNLOAD = "delete it and download it again"
@@ -106,7 +113,8 @@ def load_clip_weights(path_or_state_dict, cache_dir: Optional[str] = None) -> Cl
     """A CLIP model name ('ViT-B/16'), a file (OpenAI TorchScript, a state dict, an open_clip checkpoint,
     ``.safetensors``), a Hugging Face ``transformers`` CLIP folder, or a state dict -> OpenAI-layout ClipWeights."""
     if isinstance(path_or_state_dict, Mapping):
-        weights = to_openai_layout(as_state_dict(path_or_state_dict, "CLIP state dict"))
+        weights = to_openai_layout(check_finite(as_state_dict(path_or_state_dict, "CLIP state dict"),
+                                                "CLIP state dict"))
     else:
         path = Path(path_or_state_dict)
         if not path.exists():

@@ -16,7 +16,7 @@ from common import download
 from common.download import DownloadError, resolve_segclip_checkpoint
 from common.errors import brief
 from common.fileio import temporary_name
-from modules.checkpoint import CheckpointError, load_segclip, load_state_dict_file
+from modules.checkpoint import CheckpointError, load_clip, load_segclip, load_state_dict_file
 from tests.test_train_loop import tiny_store  # noqa: F401  (fixture)
 
 
@@ -137,6 +137,47 @@ def test_non_finite_weights_are_refused_naming_the_tensor(value, reference, tmp_
         load_state_dict_file(path)
     assert _vis(path, tmp_path) == 2
     assert "clip.visual.proj" in _one_line_error(capsys)
+
+
+def _poisoned(sd, key, value=float("nan")):
+    sd = {k: v.clone().contiguous() for k, v in sd.items()}
+    sd[key].view(-1)[0] = value
+    return sd
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("-inf")])
+def test_non_finite_weights_are_refused_in_every_format(value, reference, clip_file, tmp_path, capsys):
+    """Issue 21, bad 6. Before: the same damaged tensor was refused in a .pt file but loaded from a .safetensors
+    file, a Hugging Face folder or a TorchScript archive (every pixel background, exit 0)."""
+    from safetensors.torch import save_file
+    # a SegCLIP checkpoint as .safetensors, through the demo script: one line, exit 2
+    segclip = tmp_path / "segclip.safetensors"
+    save_file(_poisoned(reference["segclip_state_dict"], "clip.visual.proj", value), str(segclip))
+    assert _vis(segclip, tmp_path) == 2
+    assert "segclip.safetensors: tensor clip.visual.proj holds" in _one_line_error(capsys)
+    # CLIP weights as .safetensors, through the evaluation of a training-free method: one line, exit 2
+    clip_sd = torch.load(clip_file, weights_only=True)
+    clip = tmp_path / "clip.safetensors"
+    save_file(_poisoned(clip_sd, "visual.proj", value), str(clip))
+    from tests.helpers import write_fake_dataset
+    voc = write_fake_dataset("voc", tmp_path / "VOC2012", num_images=1, size=(64, 48))
+    assert main_seg_zeroshot.main(["--method", "clip", "--pretrained_clip_name", str(clip), "--dataset", "voc",
+                                   "--data_root", voc, "--num_workers", "0", "--no_progress"]) == 2
+    assert "clip.safetensors: tensor visual.proj holds" in _one_line_error(capsys)
+    # a Hugging Face CLIP folder (its weights file is checked before any key is mapped)
+    hf = tmp_path / "hf-clip"
+    hf.mkdir()
+    (hf / "config.json").write_text('{"model_type": "clip", "text_config": {}, "vision_config": {}}')
+    save_file({"vision_model.post_layernorm.weight": torch.tensor([1.0, value])}, str(hf / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="model.safetensors: tensor vision_model.post_layernorm.weight holds"):
+        load_clip(str(hf))
+    # a TorchScript archive (OpenAI's CLIP format), read without running it
+    net = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        net.bias[1] = value
+    torch.jit.save(torch.jit.script(net), str(tmp_path / "scripted.pt"))
+    with pytest.raises(CheckpointError, match="scripted.pt: tensor bias holds"):
+        load_state_dict_file(tmp_path / "scripted.pt")
 
 
 # ---------------------------------------------------------------------------------------------- downloads
