@@ -306,7 +306,8 @@ def main(argv=None) -> int:
     import torch
     from modules.checkpoint import load_clip_state_dict, load_segclip
     from modules.modeling import SegCLIP
-    class_names = [c for c in (data / "val" / "classes.txt").read_text().split("\n") if c.strip()]
+    from seg_segmentation.classes import read_class_file
+    class_names = read_class_file(data / "val" / "classes.txt", "the quickstart's class-name file")
     # The untrained model: the random CLIP with freshly initialised (seeded) centers, saved as a checkpoint so that
     # every model goes through the same evaluation script.
     untrained_file = out / "untrained.bin"
