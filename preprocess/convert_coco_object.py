@@ -21,6 +21,7 @@ from tqdm import tqdm
 from common import cli
 from common.errors import MissingFileError
 from common.fileio import atomic_save_image
+from common.images import open_image
 
 OUT_SUFFIX = '_instanceTrainIds.png'
 # 0-based COCO category ids with no category (COCO skips 12, 26, 29, 30, 45, 66, 68, 69, 71, 83)
@@ -45,7 +46,7 @@ def convert_file(src: str, dst: str, overwrite: bool = False):
     if not overwrite and osp.isfile(dst):
         return src, 'kept'
     try:
-        with Image.open(src) as im:
+        with open_image(src) as im:
             lab = np.array(im)
         if lab.ndim != 2 or lab.dtype != np.uint8:
             return src, f'expected a single-channel 8-bit label map, got shape {lab.shape} {lab.dtype}'

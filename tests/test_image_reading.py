@@ -1,0 +1,115 @@
+"""Reading images and label maps from users (issue 21): only an allow-list of formats is ever decoded (PostScript
+never reaches Ghostscript), headers that make Pillow raise anything are a readable error, 16-bit label maps are
+read exactly."""
+import io
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import EpsImagePlugin, Image
+
+from common.images import ImageReadError, check_image_size, read_image_bgr
+from tests.helpers import write_fake_dataset
+
+# A minimal Encapsulated PostScript file, as Pillow's EPS reader accepts it (its header parses without Ghostscript;
+# decoding it runs Ghostscript on the PostScript program).
+EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n%%EndComments\n"
+       b"0 0 1 setrgbcolor 0 0 16 16 rectfill\nshowpage\n%%EOF\n")
+
+
+@pytest.fixture()
+def ghostscript_spy(tmp_path, monkeypatch):
+    """A fake ``gs`` first on PATH that records every call, and a record of every use of Pillow's EPS plugin:
+    whatever the code under test does, nothing may reach either."""
+    bin_dir, calls = tmp_path / "fake_bin", tmp_path / "gs_calls.txt"
+    bin_dir.mkdir()
+    gs = bin_dir / "gs"
+    gs.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\nexit 1\n")
+    gs.chmod(gs.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)          # look for gs again, as a fresh process does
+    opened = []
+    real_open = EpsImagePlugin.EpsImageFile._open
+
+    def spy_open(self):
+        opened.append(getattr(self, "filename", "?"))
+        return real_open(self)
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", spy_open)
+
+    def check():
+        assert opened == [], f"Pillow's EPS plugin parsed {opened}"
+        assert not calls.exists(), f"Ghostscript was run: {calls.read_text()}"
+    return check
+
+
+def _eps_file(folder: Path, name: str = "photo.jpg") -> Path:
+    path = folder / name            # the name says JPEG; Pillow goes by the content
+    path.write_bytes(EPS)
+    return path
+
+
+def test_postscript_is_refused_by_the_image_reader(tmp_path, ghostscript_spy):
+    """Issue 21, bad 9. Before: the reader fell back to Pillow, whose EPS plugin ran Ghostscript on the file."""
+    for name in ("photo.jpg", "figure.eps"):
+        path = _eps_file(tmp_path, name)
+        with pytest.raises(ImageReadError, match="not a readable image"):
+            check_image_size(path)
+        with pytest.raises(ImageReadError, match="not a readable image"):
+            read_image_bgr(path)
+    ghostscript_spy()
+
+
+def test_demo_folder_and_web_page_skip_postscript(repo_root, tiny_model, tmp_path, ghostscript_spy):
+    from seg_segmentation.visualize import SegmentationDemo, run_visualization
+    eps = _eps_file(tmp_path, "a_postscript.jpg")
+    photo = repo_root / "demo" / "examples" / "coffee.jpg"
+    demo = SegmentationDemo(tiny_model, ["cup", "table"], crop=112, stride=112, resolution=112)
+    report = run_visualization(demo, [eps, photo], tmp_path / "out", modes=["input_pred_label"], progress=False)
+    assert report["written"] == ["coffee"] and [p for p, _ in report["skipped"]] == [str(eps)]
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("web_app", repo_root / "demo" / "app.py")
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    seg = app.WebSegmenter(tiny_model, None, released=False, device="cpu", work_dir=tmp_path / "work",
+                           crop=112, stride=112, resolution=112)
+    with pytest.raises(app.PageInputError, match="a_postscript.jpg: not a readable image"):
+        seg.segment(str(eps), "cup, table")
+    ghostscript_spy()
+
+
+def test_training_data_skips_postscript(tmp_path, ghostscript_spy):
+    """CC3M shards and COCO files go through dataloaders.imageio (store building, streaming, the datasets)."""
+    from dataloaders.imageio import decode_rgb, encode_for_store
+    for fn in (decode_rgb, encode_for_store):
+        with pytest.raises(Exception) as err:
+            fn(EPS)
+        assert "cannot identify image file" in str(err.value), err.value
+    good = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(good, format="PNG")
+    assert decode_rgb(good.getvalue()).size == (8, 8)
+    ghostscript_spy()
+
+
+def test_evaluation_refuses_postscript_images_and_label_maps(tmp_path, ghostscript_spy):
+    from seg_segmentation.datasets import DatasetError, ZeroShotSegDataset
+    root = Path(write_fake_dataset("voc", tmp_path / "VOC2012", num_images=2, size=(64, 48)))
+    image = sorted((root / "JPEGImages").glob("*.jpg"))[0]
+    label = sorted((root / "SegmentationClass").glob("*.png"))[1]
+    image.write_bytes(EPS)
+    label.write_bytes(EPS)
+    ds = ZeroShotSegDataset("voc", str(root), resolution=112)
+    for i, path in ((0, image), (1, label)):
+        with pytest.raises(DatasetError, match=f"cannot read {path}: not a readable image"):
+            ds[i]
+    ghostscript_spy()
+
+
+def test_coco_object_conversion_skips_postscript(tmp_path, ghostscript_spy):
+    from preprocess.convert_coco_object import convert_file
+    src = _eps_file(tmp_path, "000000000139_labelTrainIds.png")
+    dst = tmp_path / "000000000139_instanceTrainIds.png"
+    name, status = convert_file(str(src), str(dst))
+    assert name == str(src) and "cannot identify image file" in status and not dst.exists()
+    ghostscript_spy()
