@@ -26,6 +26,8 @@ IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "PPM", "JPEG2000")
 # Pillow's MAX_IMAGE_PIXELS as shipped (1024 * 1024 * 1024 // 4 // 3); fixed here so that another library changing
 # Pillow's global does not change ours.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+# Pillow modes of a label map holding one class id per pixel (RGB(A) "colour labels" are refused by name)
+LABEL_MODES = ("P", "L", "I", "I;16", "I;16L", "I;16B", "1")
 
 
 class ImageReadError(SegCLIPError, ValueError):
@@ -118,3 +120,25 @@ def read_image_bgr(path: PathLike, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE
     if image.ndim != 3 or image.shape[0] == 0 or image.shape[1] == 0:
         raise ImageReadError(f"{path}: empty image")
     return image
+
+
+def read_label_map(path: PathLike) -> np.ndarray:
+    """A label map (one class id per pixel: palette, grey, 16- or 32-bit grey PNG / TIFF) -> [H, W] int64 of its
+    exact pixel values: palette indices (not colours), 16-bit ids kept (mmseg casts label maps to 8 bits, which
+    turns 260 into 4). Raises ImageReadError naming the file for anything else.
+
+    The pixel limit is the caller's (``check_image_size`` first, as the evaluation does); Pillow's own guard
+    against decompression bombs still applies here."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with open_image(path) as im:
+                if im.mode not in LABEL_MODES:
+                    raise ImageReadError(f"{path}: the label map is a {im.mode} image; labels must be single-channel "
+                                         "(palette or grey) images whose pixel values are the class ids, not colours")
+                labels = np.asarray(im)
+    except ImageReadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any decoder failure means "not a label map we can read"
+        raise ImageReadError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+    return labels.astype(np.int64)

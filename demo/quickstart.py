@@ -181,11 +181,11 @@ def chance_levels(val_root: Path, class_names: list, seed: int) -> dict:
     class per pixel."""
     import numpy as np
     import torch
-    from common.images import open_image
+    from common.images import read_label_map
     from seg_segmentation.evaluate import areas_to_metrics, intersect_and_union
     rng = np.random.default_rng(seed)
     C = len(class_names)
-    gts = [torch.from_numpy(np.asarray(open_image(png)).astype(np.int64))
+    gts = [torch.from_numpy(read_label_map(png))
            for png in sorted((val_root / "SegmentationClass").glob("*.png"))]
     majority = int(torch.bincount(torch.cat([g.flatten() for g in gts]), minlength=C).argmax())
     bg, rnd = torch.zeros(4, C, dtype=torch.int64), torch.zeros(4, C, dtype=torch.int64)

@@ -113,3 +113,46 @@ def test_coco_object_conversion_skips_postscript(tmp_path, ghostscript_spy):
     name, status = convert_file(str(src), str(dst))
     assert name == str(src) and "cannot identify image file" in status and not dst.exists()
     ghostscript_spy()
+
+
+# ---------------------------------------------------------------------------------------------- 16-bit label maps
+def _sixteen_bit_label(path: Path, labels: np.ndarray) -> None:
+    Image.fromarray(labels.astype(np.uint16)).save(path)          # a 16-bit grey PNG
+    with Image.open(path) as im:
+        assert im.mode.startswith("I;16") and np.array_equal(np.asarray(im), labels)   # written as meant
+
+
+@pytest.mark.parametrize("dataset", ["custom", "ade20k"])      # label i = class i; and with reduce_zero_label
+def test_sixteen_bit_label_maps_are_read_exactly(dataset, tmp_path):
+    """Issue 21, bad 8. Before: mmseg cast every label map to 8 bits, so 260 was read as class 4."""
+    from seg_segmentation.datasets import LAYOUTS, ZeroShotSegDataset
+    layout = LAYOUTS[dataset]
+    root = Path(write_fake_dataset("voc" if dataset == "custom" else dataset, tmp_path / "data", num_images=1,
+                                   size=(40, 30)))
+    label = next((root / layout.ann_dir).rglob("*" + layout.seg_map_suffix))
+    labels = np.full((30, 40), 3, dtype=np.int64)
+    labels[:10], labels[10:20, :5], labels[20:, :7] = 260, 255, 0
+    _sixteen_bit_label(label, labels)
+    gt = ZeroShotSegDataset(dataset, str(root), resolution=32)[0]["gt"].numpy()
+    if layout.reduce_zero_label:           # 0 -> ignore (255), every other id one lower, 255 stays ignore
+        expected = np.where(labels == 0, 255, np.where(labels == 255, 255, labels - 1))
+    else:
+        expected = labels
+    assert np.array_equal(gt, expected), np.unique(gt)
+
+
+def test_evaluation_names_a_label_beyond_the_class_list(tmp_path, tiny_checkpoint, capsys):
+    """A 16-bit label 260 with VOC's 21 classes: one line naming the file and the label, exit 2 (before: counted as
+    class 4 with exit 0)."""
+    import main_seg_zeroshot
+    root = Path(write_fake_dataset("voc", tmp_path / "VOC2012", num_images=1, size=(64, 48)))
+    label = next((root / "SegmentationClass").glob("*.png"))
+    labels = np.asarray(Image.open(label)).astype(np.int64)
+    labels[20:30, 20:30] = 260
+    _sixteen_bit_label(label, labels)
+    rc = main_seg_zeroshot.main(["--dataset", "voc", "--data_root", str(root), "--init_model", str(tiny_checkpoint),
+                                 "--resolution", "112", "--crop_size", "112", "--stride", "112", "--num_workers", "0",
+                                 "--no_progress"])
+    err = capsys.readouterr().err
+    image = root / "JPEGImages" / (label.stem + ".jpg")
+    assert rc == 2 and err == f"error: {image}: label 260 but only 21 class names\n", err
