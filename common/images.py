@@ -81,7 +81,8 @@ def check_image_size(path: PathLike, max_pixels: Optional[int] = DEFAULT_MAX_IMA
         raise _too_large(path, f"more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels", limit) from None
     except FileNotFoundError:
         raise ImageReadError(f"{path}: file not found") from None
-    except OSError as e:   # PIL.UnidentifiedImageError is an OSError
+    except Exception as e:  # noqa: BLE001 - UnidentifiedImageError, but a damaged header makes some of Pillow's
+        # readers raise ValueError, SyntaxError, struct.error ... (a JPEG 2000 marker of length 0): all mean the same
         raise ImageReadError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
     w, h = size
     if limit and w * h > limit:

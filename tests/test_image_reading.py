@@ -156,3 +156,53 @@ def test_evaluation_names_a_label_beyond_the_class_list(tmp_path, tiny_checkpoin
     err = capsys.readouterr().err
     image = root / "JPEGImages" / (label.stem + ".jpg")
     assert rc == 2 and err == f"error: {image}: label 260 but only 21 class names\n", err
+
+
+# ---------------------------------------------------------------------------------------------- other header errors
+def _corrupt_jpeg2000(path: Path) -> Path:
+    """A JPEG 2000 file whose SIZ marker says length 0: Pillow raises ValueError (not OSError) from the header."""
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (10, 200, 30)).save(buf, format="JPEG2000")
+    data = bytearray(buf.getvalue())
+    siz = data.index(b"\xff\x51")
+    data[siz + 2:siz + 4] = b"\x00\x00"
+    path.write_bytes(bytes(data))
+    with pytest.raises(Exception) as err:
+        Image.open(path)
+    assert not isinstance(err.value, OSError), err.value        # the case this is about
+    return path
+
+
+def test_header_errors_of_any_type_are_an_unreadable_image(repo_root, tiny_model, tmp_path):
+    """Poor case of issue 21. Before: the ValueError escaped the reader: the demo lost the rest of its folder and
+    the page showed an unexplained error."""
+    from seg_segmentation.visualize import SegmentationDemo, run_visualization
+    bad = _corrupt_jpeg2000(tmp_path / "scan.jp2")
+    why = f"{bad}: not a readable image (ValueError: Marker length too small)"
+    with pytest.raises(ImageReadError) as err:
+        check_image_size(bad)
+    assert str(err.value) == why
+    demo = SegmentationDemo(tiny_model, ["cup", "table"], crop=112, stride=112, resolution=112)
+    photo = repo_root / "demo" / "examples" / "coffee.jpg"
+    report = run_visualization(demo, [bad, photo], tmp_path / "out", modes=["input_pred_label"], progress=False)
+    assert report["written"] == ["coffee"] and report["skipped"] == [(str(bad), why)]
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("web_app", repo_root / "demo" / "app.py")
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    seg = app.WebSegmenter(tiny_model, None, released=False, device="cpu", work_dir=tmp_path / "work",
+                           crop=112, stride=112, resolution=112)
+    with pytest.raises(app.PageInputError) as err:
+        seg.segment(str(bad), "cup, table")
+    assert str(err.value) == "scan.jp2: not a readable image (ValueError: Marker length too small)"
+
+
+def test_evaluation_names_an_image_whose_header_breaks_pillow(tmp_path, tiny_checkpoint, capsys):
+    import main_seg_zeroshot
+    root = Path(write_fake_dataset("voc", tmp_path / "VOC2012", num_images=2, size=(64, 48)))
+    bad = _corrupt_jpeg2000(sorted((root / "JPEGImages").glob("*.jpg"))[1])
+    rc = main_seg_zeroshot.main(["--dataset", "voc", "--data_root", str(root), "--init_model", str(tiny_checkpoint),
+                                 "--resolution", "112", "--crop_size", "112", "--stride", "112", "--num_workers", "0",
+                                 "--no_progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == f"error: cannot read {bad}: not a readable image (ValueError: Marker length too small)\n"
