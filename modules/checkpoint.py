@@ -86,12 +86,15 @@ def unreadable_checkpoint(path: Path, e: BaseException) -> CheckpointError:
         return CheckpointError(f"{path} is truncated ({size:,} bytes; the end of the archive is missing), left by "
                                f"an interrupted download or copy; {_REDOWNLOAD}")
     text = str(e)
-    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-    if found:
-        return CheckpointError(f"{path} holds Python objects (such as {found.group(1)}), not only tensors; reading "
-                               "them could run code, so the file is not loaded. Save the weights alone, with "
-                               "torch.save(model.state_dict(), path)")
     refused = "Weights only load failed" in text        # torch's safe reader met something it does not read
+    # torch names the first global it refuses ("Unsupported global: GLOBAL x.y", or in newer versions "unsupported
+    # GLOBAL x.y whose module x is blocked"); an old-protocol pickle it cannot even parse is read for its globals
+    found = re.search(r"unsupported global:? GLOBAL ([\w.]+)", text, re.IGNORECASE)
+    foreign = found.group(1) if found else (pickle_foreign_global(path) if refused and head[:1] != b"\x80" else None)
+    if foreign:
+        return CheckpointError(f"{path} holds Python objects (such as {foreign}), not only tensors; reading them "
+                               "would run code, so the file is refused (it is not damaged: downloading it again does "
+                               "not help). Save the weights alone, with torch.save(model.state_dict(), path)")
     if head[:1] == b"\x80":      # a pickle protocol byte: the pre-zip torch.save format, or plain pickle.dump
         if refused:
             return CheckpointError(f"{path} is a pickle that is not a weights-only PyTorch checkpoint (written by "
@@ -106,6 +109,51 @@ def unreadable_checkpoint(path: Path, e: BaseException) -> CheckpointError:
                                "torch.save(model.state_dict(), path)")
     return CheckpointError(f"{path} is not a weights-only PyTorch checkpoint ({brief(e)}). Expected a state dict "
                            "saved with torch.save(model.state_dict(), path)")
+
+
+# Globals a weights-only file refers to (torch's tensor and storage rebuilding, OrderedDict, bytes in protocol 2).
+_WEIGHTS_GLOBALS = ("torch.", "collections.OrderedDict", "_codecs.encode")
+_MAX_PICKLE_SCAN = 64 << 20     # a checkpoint's pickle is kilobytes: only this much is read to look for globals
+
+
+def pickle_foreign_global(path: Path) -> Optional[str]:
+    """The first global (module.name) a pickle in ``path`` refers to beyond what a weights file holds -- an object
+    to build or a function to call -- or None. Read from its opcodes with ``pickletools`` (which runs nothing):
+    a plain pickle file (every protocol; several in a row, as the pre-zip torch.save writes), or the data.pkl of
+    a zip checkpoint."""
+    import io
+    import pickletools
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                infos = [i for i in zf.infolist() if i.filename.endswith("data.pkl")]
+                if not infos or infos[0].file_size > _MAX_PICKLE_SCAN:
+                    return None
+                data = zf.read(infos[0])
+        else:
+            with open(path, "rb") as f:
+                data = f.read(_MAX_PICKLE_SCAN)
+    except (OSError, zipfile.BadZipFile):
+        return None
+    stream, strings = io.BytesIO(data), []
+    for _ in range(8):                  # the pre-zip format: magic number, protocol, system info, the object
+        try:
+            for op, arg, _pos in pickletools.genops(stream):
+                if op.name in ("GLOBAL", "INST"):
+                    name = str(arg).replace(" ", ".")
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    name = f"{strings[-2]}.{strings[-1]}"
+                else:
+                    if isinstance(arg, str):
+                        strings.append(arg)
+                    continue
+                if not name.startswith(_WEIGHTS_GLOBALS):
+                    return name
+        except Exception:  # noqa: BLE001 - the end of the pickles (storage bytes follow) or damage: stop looking
+            return None
+        if stream.tell() >= len(data):
+            return None
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- OpenAI CLIP

@@ -100,6 +100,31 @@ def test_pickle_of_python_objects_is_refused_without_unsafe_advice(tmp_path, cap
     _one_line_error(capsys)
 
 
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo this must never run",))
+
+
+@pytest.mark.parametrize("how", ["torch.save", "pickle protocol 0", "pickle protocol 1"])
+def test_pickle_that_would_run_code_says_so(how, tmp_path, capsys):
+    """Poor case of issue 21. Before: torch.save's zip file said 'a damaged archive ... delete it and download it
+    again', an old-protocol pickle 'not a weights-only PyTorch checkpoint'; neither said it is refused because
+    reading it would run code (here: os.system)."""
+    import pickle
+    path = tmp_path / "weights.bin"
+    if how == "torch.save":
+        torch.save({"w": torch.zeros(2), "x": _RunsCode()}, path)
+    else:
+        path.write_bytes(pickle.dumps({"x": _RunsCode()}, protocol=int(how[-1])))
+    with pytest.raises(CheckpointError) as e:
+        load_state_dict_file(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path} holds Python objects (such as {os.system.__module__}.system)"), msg
+    assert "would run code, so the file is refused" in msg and "download it again" not in msg
+    assert _vis(path, tmp_path) == 2
+    assert "would run code" in _one_line_error(capsys)
+
+
 def test_brief_keeps_whole_sentences_and_drops_unsafe_advice():
     e = RuntimeError("Weights only load failed. Re-running `torch.load` with `weights_only` set to `False` will "
                      "likely succeed. " + "x" * 300 + ". Last.")
