@@ -149,8 +149,8 @@ class Trainer:
         return DivergenceError(f"{self.guard.streak} consecutive optimizer steps ({self.guard.first_bad}-"
                                f"{rec.step}) had a non-finite loss or gradient, so training stopped; {kept}. "
                                f"Lower --lr (the largest LR now is {max(rec.lrs):.3g}) and start afresh with "
-                               "--overwrite (a resumed run keeps the learning rates saved in its state), try --amp off, "
-                               "or raise --max_nonfinite_steps (0 disables this check)")
+                               "--overwrite (a resumed run keeps the learning rates saved in its state), try --amp "
+                               "off, or raise --max_nonfinite_steps (0 disables this check)")
 
     @property
     def stop_requested(self) -> bool:

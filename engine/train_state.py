@@ -91,8 +91,9 @@ def load_training_state(path: PathLike) -> Dict[str, Any]:
 
 def _non_finite(tensors) -> Optional[str]:
     """'<name>: N NaN, M inf' of the first floating tensor in (name, tensor) pairs holding NaN or inf, else None."""
+    from modules.state_dict import all_finite
     for name, v in tensors:
-        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() and not bool(torch.isfinite(v).all()):
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() and not all_finite(v):
             nan = int(torch.isnan(v).sum())
             return f"{name}: {nan} NaN, {int((~torch.isfinite(v)).sum()) - nan} inf"
     return None
@@ -185,8 +186,9 @@ def _same_samples(pos: Position, state: Mapping[str, Any], samples_per_micro: Op
     if env.is_main:
         logger.warning("the training state was written with micro-batches of %d samples (--batch_size / "
                        "--gradient_accumulation_steps), this run's hold %d: epoch %d continues after its first %d "
-                       "samples, at micro-batch %d%s", saved, samples_per_micro, pos.epoch + 1, micro * samples_per_micro,
-                       micro, f" (the {extra} samples before the saved position are seen again)" if extra else "")
+                       "samples, at micro-batch %d%s", saved, samples_per_micro, pos.epoch + 1,
+                       micro * samples_per_micro, micro,
+                       f" (the {extra} samples before the saved position are seen again)" if extra else "")
     return Position(pos.epoch, micro, pos.global_step)
 
 

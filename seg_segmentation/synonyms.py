@@ -59,8 +59,8 @@ def parse_name_lines(lines: Sequence[str], source: str = 'class names') -> List[
 
 
 def read_name_file(path: Union[str, Path], source: str = 'class-name file') -> List[List[str]]:
-    """A class-name file (UTF-8, with or without a byte-order mark) -> per class its names; blank lines and '#' lines are skipped, as in every
-    class-name file (``classes.name_lines``), so class i is the i-th remaining line."""
+    """A class-name file (UTF-8, with or without a byte-order mark) -> per class its names; blank lines and '#'
+    lines are skipped, as in every class-name file (``classes.name_lines``), so class i is the i-th remaining line."""
     path = Path(path)
     text = read_name_text(path, source, error=ClassNamesError)
     return parse_name_lines(name_lines(text), source=f'{source} {path}')

@@ -323,7 +323,7 @@ def test_data_flags_are_checked_before_clip_is_fetched(repo_root, tmp_path):
     assert p.stderr.strip().splitlines()[-1] == f"error: --cc_store {tmp_path / 'no_such_store'} does not exist"
 
 
-# ---------------------------------------------------------------------------------------------- an earlier run's progress
+# ------------------------------------------------------------------------------------ an earlier run's progress
 def _run(repo_root, clip_file, store, out, *extra, timeout=240):
     return subprocess.run(_train_args(clip_file, store, out, *extra), cwd=repo_root, env=_env(), capture_output=True,
                           text=True, timeout=timeout)
@@ -357,7 +357,7 @@ def test_fresh_start_on_a_folder_with_a_training_state_is_refused(repo_root, tmp
     assert [r["step"] for r in read_metrics(out / METRICS_NAME, "step")] == [1, 2]
 
 
-# ---------------------------------------------------------------------------------------------- resuming with other flags
+# ------------------------------------------------------------------------------------ resuming with other flags
 class _Recorded(RandomPairs):
     """RandomPairs that records which samples the training read."""
     fetched = []
