@@ -20,7 +20,7 @@ from common.errors import UsageError
 from engine.distributed import broadcast_object, cleanup, init_distributed, on_main_process
 from modules.precision import PRECISIONS
 from seg_segmentation.classes import BG_THRESH, DATASET_CLASSES, parse_class_list
-from seg_segmentation.datasets import CUSTOM_DATASET, LAYOUTS, resolve_data_root
+from seg_segmentation.datasets import CUSTOM_DATASET, LAYOUTS, refuse_output_inside_dataset, resolve_data_root
 from seg_segmentation.methods import METHODS
 from seg_segmentation.templates import TEMPLATES
 
@@ -68,8 +68,9 @@ def build_parser():
                         'table DIR/results.md, DIR/results.csv; a rerun skips the pairs already done with the same '
                         'settings')
     g.add_argument('--save_pred', default=None,
-                   help='folder for the predicted label maps (palette PNGs named <image id>.png; with --output_dir '
-                        'one sub-folder <method>/<dataset> per pair)')
+                   help='folder for the predicted label maps (palette PNGs named <image id>.png, the id being the '
+                        'image\'s path below the dataset\'s image folder, sub-folders kept; with --output_dir one '
+                        'sub-folder <method>/<dataset> per pair)')
     g.add_argument('--seed', type=int, default=cli.PAPER_SEED,
                    help='seed of the freshly initialised centers of --init_model none (the evaluation itself is '
                         'deterministic)')
@@ -137,6 +138,12 @@ def check_inputs(args) -> None:
     """Data, weights, outputs and device, before any model is loaded (a typo must not cost a model load)."""
     for dataset, root in args.data_roots.items():
         resolve_data_root(dataset, root)
+        for method in args.methods:     # no output among the dataset's own files (e.g. over its label maps)
+            outputs = (('--save_pred', pred_folder(args, method, dataset)), ('--output', args.output),
+                       ('--output_dir', args.output_dir))
+            for flag, path in outputs:
+                if path is not None:
+                    refuse_output_inside_dataset(path, flag, dataset, root)
     free = [m for m in args.methods if m != cli.SEGCLIP]
     if free:
         check_clip_weights(args.pretrained_clip_name)
@@ -149,6 +156,13 @@ def check_inputs(args) -> None:
     cli.check_writable_dir(args.output_dir, '--output_dir')
     cli.check_writable_dir(args.save_pred, '--save_pred')
     cli.resolve_device(args.device)
+
+
+def pred_folder(args, method: str, dataset: str):
+    """Where the label maps of one pair go: --save_pred itself, or its <method>/<dataset> with --output_dir."""
+    if not args.save_pred:
+        return None
+    return args.save_pred if args.output_dir is None else osp.join(args.save_pred, method, dataset)
 
 
 def check_clip_weights(name: str) -> None:
@@ -178,21 +192,34 @@ def load_model(args, method: str, device, loaded: dict):
     return load_segclip(path, device=device, use_vision_mae_recon=False, precision=args.precision)
 
 
-def make_prediction_writer(folder: str, dataset: str):
-    """on_prediction callback: each label map -> <folder>/<image name>.png (palette PNG, VOC colours), written
-    atomically; temporaries a killed earlier run left in ``folder`` are removed first."""
+def make_prediction_writer(folder: str, dataset: str, data_root):
+    """on_prediction callback: each label map -> <folder>/<image id>.png (palette PNG, VOC colours), written
+    atomically. The id is the image's path below the dataset's image folder without its suffix, sub-folders kept
+    (cityscapes' frankfurt/..., split files naming a/img and b/img), so no two images share a file; temporaries a
+    killed earlier run left in a folder are removed before the first write into it."""
     from pathlib import Path
     from common.fileio import remove_stale_temporaries
+    from seg_segmentation.datasets import DatasetError, dataset_folders
     from seg_segmentation.drawing import voc_palette
     from seg_segmentation.outputs import save_label_png
-    remove_stale_temporaries(folder)
     palette = voc_palette()
     suffix = LAYOUTS[dataset].img_suffix
+    img_dir = dataset_folders(dataset, data_root)[0]
+    written, cleaned = {}, set()
 
     def write(img_path: str, pred: torch.Tensor):
-        name = osp.basename(img_path)
-        name = name[:-len(suffix)] if name.endswith(suffix) else osp.splitext(name)[0]
-        save_label_png(Path(folder) / (name + '.png'), pred.numpy(), palette)
+        rel = osp.relpath(img_path, img_dir)
+        if rel.startswith(osp.pardir + osp.sep) or osp.isabs(rel):   # a split line such as ../../x
+            raise DatasetError(f'{img_path} is not below the image folder {img_dir}; its prediction has no name '
+                               'inside --save_pred')
+        image_id = rel[:-len(suffix)] if rel.endswith(suffix) else osp.splitext(rel)[0]
+        target = Path(folder) / (image_id + '.png')
+        if written.setdefault(target, img_path) != img_path:
+            raise DatasetError(f'{written[target]} and {img_path} would both be saved as {target}; rename one')
+        if target.parent not in cleaned:
+            remove_stale_temporaries(target.parent)
+            cleaned.add(target.parent)
+        save_label_png(target, pred.numpy(), palette)
     return write
 
 
@@ -230,7 +257,7 @@ def evaluate_pair(args, method, dataset, class_names, env, loaded, save_pred):
     if ('method', method) not in loaded:   # loaded also keeps the CLIP (and VFM) the training-free methods share
         loaded['method', method] = load_model(args, method, env.device, loaded)
     model = loaded['method', method]
-    writer = make_prediction_writer(save_pred, dataset) if save_pred else None
+    writer = make_prediction_writer(save_pred, dataset, args.data_roots[dataset]) if save_pred else None
     result = run_zero_shot_eval(model, cfg, on_prediction=writer)
     result['settings'].update(init_model=args.init_model if method == cli.SEGCLIP else None,
                               world_size=env.world_size, tag=args.tag,
@@ -261,8 +288,7 @@ def run_table(args, class_names, env) -> None:
             continue
         if env.is_main:
             print(f'[{n}/{len(pairs)}] {method} on {dataset}', flush=True)
-        save_pred = str(Path(args.save_pred) / method / dataset) if args.save_pred else None
-        _, result = evaluate_pair(args, method, dataset, class_names, env, loaded, save_pred)
+        _, result = evaluate_pair(args, method, dataset, class_names, env, loaded, pred_folder(args, method, dataset))
         results.setdefault(method, {})[dataset] = result['mIoU']
         if env.is_main:
             print(format_table(result), flush=True)

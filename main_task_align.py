@@ -94,6 +94,10 @@ def build_parser():
                    help="training_state.pt to continue from (mid-epoch, same batches)")
     g.add_argument("--resume", choices=["auto"], default=None,
                    help="'auto': continue from OUTPUT_DIR/training_state.pt when it exists, else start fresh")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --output_dir that holds an earlier run's training state, replacing "
+                        "its training_state.pt and metrics.jsonl (without it, such a folder is refused unless "
+                        "--resume auto continues it)")
     g.add_argument("--stop_after_steps", type=int, default=0,
                    help="stop after this many optimizer steps in total (the schedule still spans --epochs); "
                         "the state is saved so that --resume auto continues (for time-limited jobs)")
@@ -121,6 +125,9 @@ def get_args(argv=None):
         raise UsageError("nothing to do: pass --do_pretrain")
     if args.resume_model and args.resume:
         raise UsageError("give either --resume_model FILE or --resume auto, not both")
+    if args.overwrite and args.resume:
+        raise UsageError("give either --resume auto (continue the run in --output_dir) or --overwrite (start "
+                         "afresh there), not both")
     if args.plain_clip and args.use_seglabel:
         raise UsageError("--plain_clip trains without centers, so the superpixel loss has nothing to act on: "
                          "drop --use_seglabel")
@@ -157,6 +164,40 @@ def setup_logging(output_dir: str, is_main: bool) -> None:
         root.addHandler(fh)
         error_log.addHandler(fh)
     root.setLevel(logging.INFO if is_main else logging.WARNING)
+
+
+# The flags that say which samples an epoch holds, per source of --datatype; the resumed position (a micro-batch of
+# an epoch) means nothing on other data.
+SOURCE_FLAGS = {"cc": ("cc_store",), "coco": ("coco_store", "karpathy_json", "coco_splits"),
+                "wds": ("wds_shards", "wds_samples_per_epoch")}
+
+
+def _sources(datatype) -> list:
+    """--datatype -> its sources ("cc,coco," and "cc,coco" are the same data)."""
+    return [v.strip() for v in str(datatype).split(",") if v.strip()]
+
+
+def _same_value(a, b) -> bool:
+    if isinstance(a, str) and isinstance(b, str):       # a path given relative once, absolute the other time
+        return a == b or os.path.normpath(os.path.abspath(a)) == os.path.normpath(os.path.abspath(b))
+    return a == b
+
+
+def warn_about_other_data(state, args) -> None:
+    """One warning line when the training state was written for other data than these flags select: another
+    --datatype, or another folder (or split) of a source both runs use."""
+    saved = (state or {}).get("args") or {}
+    if "datatype" not in saved:
+        return
+    before, now = _sources(saved["datatype"]), _sources(args.datatype)
+    changed = [] if before == now else [f"--datatype {','.join(before)}, now {','.join(now)}"]
+    for source in (s for s in now if s in before):
+        changed += [f"--{k} {saved[k]}, now {getattr(args, k)}" for k in SOURCE_FLAGS.get(source, ())
+                    if k in saved and not _same_value(saved[k], getattr(args, k))]
+    if changed:
+        logger.warning("the training state was written for other data (%s): its position in epoch %d (micro-batch "
+                       "%d) is applied to this data, so the resumed epoch does not continue the interrupted one",
+                       "; ".join(changed), int(state["epoch"]) + 1, int(state["micro_step"]))
 
 
 def build_model(args):
@@ -227,7 +268,9 @@ def main(argv=None) -> int:
             progress=not args.no_progress, steps_per_epoch=args.steps_per_epoch)
         check_batch_layout(cfg, env.world_size)
         resume_state = load_resume_state(env, args.output_dir, resume_model=args.resume_model,
-                                         auto=args.resume == "auto")
+                                         auto=args.resume == "auto", overwrite=args.overwrite)
+        if env.is_main:
+            warn_about_other_data(resume_state, args)
 
         random.seed(args.seed)
         np.random.seed(args.seed)

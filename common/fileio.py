@@ -1,28 +1,60 @@
 """Files that are either complete or absent: every output of the project is written through here.
 
-A file is written under a temporary name in its destination folder (``.NAME.tmp-PID``), flushed and fsynced, then
-moved into place with ``os.replace``; a crash, a kill or a full disk at any moment leaves either the previous
-complete file or the new complete file, never a partial one, and no 0-byte file. Temporaries left by a killed run
-are recognised by their pattern and removed by :func:`remove_stale_temporaries`.
+A file is written under a temporary name in its destination folder, flushed and fsynced, then moved into place
+with ``os.replace``; a crash, a kill or a full disk at any moment leaves either the previous complete file or the
+new complete file, never a partial one, and no 0-byte file.
+
+Temporary names are the project's own (:func:`temporary_name`)::
+
+    .segclip-tmp-<host tag>-<pid>-<random>.<file name>
+
+so that the clean-up of temporaries a killed run left behind (:func:`remove_stale_temporaries`) can tell them from
+anything else in a folder the user chose: it removes only names of exactly this shape whose writer ran on this
+host and is gone. A user's ``.thesis.part`` or ``.bashrc.tmp-backup`` never matches.
 """
 import contextlib
 import errno
+import hashlib
 import os
+import re
+import secrets
+import socket
 from pathlib import Path
-from typing import IO, Any, Iterator, Union
+from typing import IO, Any, Iterator, Optional, Union
 
 from common.errors import SegCLIPError
 
 PathLike = Union[str, os.PathLike]
-TMP_MARK = ".tmp-"
+TMP_PREFIX = ".segclip-tmp-"
+# prefix, host tag (8 hex), pid, random part (12 hex), then "." and the destination's name (maybe shortened)
+_TMP_RX = re.compile(r"^\.segclip-tmp-(?P<host>[0-9a-f]{8})-(?P<pid>[1-9][0-9]{0,9})-[0-9a-f]{12}\.")
+_NAME_MAX = 255          # bytes per file name on the usual filesystems (ext4, xfs, btrfs, tmpfs, NFS)
+
+
+def _host_tag() -> str:
+    """8 hex digits naming this machine: a temporary in a folder shared between machines (NFS) is only ever judged
+    by the machine whose processes it can see."""
+    return hashlib.sha1(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
+
+
+def temporary_name(path: PathLike) -> Path:
+    """A fresh temporary name for writing ``path``, in its folder: unique per call (pid + random part), and never
+    longer than a file name may be (a long destination name is shortened inside the temporary's name)."""
+    path = Path(path)
+    head = f"{TMP_PREFIX}{_host_tag()}-{os.getpid()}-{secrets.token_hex(6)}."
+    room = _NAME_MAX - len(head.encode())
+    tail = path.name.encode("utf-8", "surrogateescape")[:room].decode("utf-8", "ignore")
+    return path.with_name(head + tail)
+
+
+def temporary_owner(name: str) -> Optional[tuple]:
+    """(host tag, pid) of a temporary name this project writes, or None for any other name."""
+    m = _TMP_RX.match(name)
+    return (m.group("host"), int(m.group("pid"))) if m else None
 
 
 class OutputError(SegCLIPError, OSError):
     """An output could not be written (no space left, not writable); the message names the path."""
-
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -56,7 +88,7 @@ def atomic_open(path: PathLike, mode: str = "wb", **kwargs) -> Iterator[IO[Any]]
     if not any(m in mode for m in "wx"):
         raise ValueError(f"atomic_open writes; mode {mode!r} has no 'w'")
     path = Path(path)
-    tmp = _tmp_name(path)
+    tmp = temporary_name(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, mode.replace("x", "w"), **kwargs) as f:
@@ -88,7 +120,7 @@ def atomic_create_text(path: PathLike, text: str) -> bool:
     """Create ``path`` holding ``text`` unless it already exists (then False): exclusive and complete-or-absent,
     for lock files. The text is written to this process's temporary name, then hard-linked into place."""
     path = Path(path)
-    staged = atomic_write_text(_tmp_name(path), text)
+    staged = atomic_write_text(temporary_name(path), text)
     try:
         os.link(staged, path)
     except FileExistsError:
@@ -128,23 +160,19 @@ def atomic_save_image(path: PathLike, image, **save_kwargs) -> Path:
 
 
 def remove_stale_temporaries(folder: PathLike) -> int:
-    """Delete ``.NAME.tmp-PID`` / ``.NAME.*.part`` files whose writer process is gone; returns how many."""
+    """Delete the temporaries of this project's writers that died in ``folder`` (not its sub-folders); -> how many.
+
+    Only names made by :func:`temporary_name` are considered, and of those only the ones written on this host by
+    a process that no longer runs; everything else in the folder is left alone, whatever its name."""
     folder = Path(folder)
     if not folder.is_dir():
         return 0
-    removed = 0
+    host, removed = _host_tag(), 0
     for p in folder.iterdir():
-        if not p.name.startswith(".") or not p.is_file():
+        owner = temporary_owner(p.name)
+        if owner is None or owner[0] != host or owner[1] == os.getpid() or _alive(owner[1]):
             continue
-        pid = None
-        if TMP_MARK in p.name:
-            tail = p.name.rsplit(TMP_MARK, 1)[1]
-            pid = int(tail) if tail.isdigit() else None
-        elif not p.name.endswith(".part"):
-            continue
-        if pid is not None and pid != os.getpid() and _alive(pid):
-            continue
-        if pid == os.getpid():
+        if not p.is_file() or p.is_symlink():
             continue
         with contextlib.suppress(OSError):
             p.unlink()
@@ -157,6 +185,6 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except (PermissionError, OverflowError):
+        return True      # another user's process (or a pid this system cannot have): not ours to judge
     return True

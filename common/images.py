@@ -18,9 +18,16 @@ from PIL import Image
 from common.errors import SegCLIPError
 
 PathLike = Union[str, Path]
+# The only formats the project decodes, by Pillow's names (JPEG includes MPO, the JPEG of many phone cameras).
+# Pillow otherwise tries every format it knows on any file, by its content: an EPS, PS or PDF file, whatever its
+# name, would be handed to Ghostscript, a PostScript interpreter with a history of sandbox escapes; other rarely
+# used decoders are attack surface too.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "PPM", "JPEG2000")
 # Pillow's MAX_IMAGE_PIXELS as shipped (1024 * 1024 * 1024 // 4 // 3); fixed here so that another library changing
 # Pillow's global does not change ours.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+# Pillow modes of a label map holding one class id per pixel (RGB(A) "colour labels" are refused by name)
+LABEL_MODES = ("P", "L", "I", "I;16", "I;16L", "I;16B", "1")
 
 
 class ImageReadError(SegCLIPError, ValueError):
@@ -29,6 +36,25 @@ class ImageReadError(SegCLIPError, ValueError):
 
 class ImageTooLargeError(ImageReadError):
     """An image whose header announces more pixels than the limit (refused before decoding)."""
+
+
+# Pillow's modules of those formats: registered before the first open, so that Pillow never loads all its plugins
+# (which it does for a format it has not seen yet, and which runs code of every plugin at import).
+_PLUGINS = ("JpegImagePlugin", "PngImagePlugin", "WebPImagePlugin", "BmpImagePlugin", "TiffImagePlugin",
+            "GifImagePlugin", "PpmImagePlugin", "Jpeg2KImagePlugin")
+_registered = False
+
+
+def open_image(fp) -> Image.Image:
+    """``PIL.Image.open`` restricted to :data:`IMAGE_FORMATS` (a path or a binary file; lazy: reads the header).
+    Every image the project reads is opened here; any other format raises ``PIL.UnidentifiedImageError``."""
+    global _registered
+    if not _registered:
+        import importlib
+        for name in _PLUGINS:
+            importlib.import_module(f"PIL.{name}")
+        _registered = True
+    return Image.open(fp, formats=IMAGE_FORMATS)
 
 
 def _too_large(path, pixels_text: str, limit: int) -> ImageTooLargeError:
@@ -49,13 +75,14 @@ def check_image_size(path: PathLike, max_pixels: Optional[int] = DEFAULT_MAX_IMA
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:      # lazy: parses the header, decodes nothing
+            with open_image(path) as im:      # lazy: parses the header, decodes nothing
                 size, mode = im.size, im.mode
     except Image.DecompressionBombError:     # above twice Pillow's limit, itself at least ours
         raise _too_large(path, f"more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels", limit) from None
     except FileNotFoundError:
         raise ImageReadError(f"{path}: file not found") from None
-    except OSError as e:   # PIL.UnidentifiedImageError is an OSError
+    except Exception as e:  # noqa: BLE001 - UnidentifiedImageError, but a damaged header makes some of Pillow's
+        # readers raise ValueError, SyntaxError, struct.error ... (a JPEG 2000 marker of length 0): all mean the same
         raise ImageReadError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
     w, h = size
     if limit and w * h > limit:
@@ -82,7 +109,7 @@ def read_image_bgr(path: PathLike, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE
             from PIL import ImageOps
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(path) as pil:
+                with open_image(path) as pil:
                     pil = ImageOps.exif_transpose(pil)
                     if pil.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits, not clip
                         arr = np.asarray(pil, dtype=np.float64)
@@ -94,3 +121,25 @@ def read_image_bgr(path: PathLike, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE
     if image.ndim != 3 or image.shape[0] == 0 or image.shape[1] == 0:
         raise ImageReadError(f"{path}: empty image")
     return image
+
+
+def read_label_map(path: PathLike) -> np.ndarray:
+    """A label map (one class id per pixel: palette, grey, 16- or 32-bit grey PNG / TIFF) -> [H, W] int64 of its
+    exact pixel values: palette indices (not colours), 16-bit ids kept (mmseg casts label maps to 8 bits, which
+    turns 260 into 4). Raises ImageReadError naming the file for anything else.
+
+    The pixel limit is the caller's (``check_image_size`` first, as the evaluation does); Pillow's own guard
+    against decompression bombs still applies here."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with open_image(path) as im:
+                if im.mode not in LABEL_MODES:
+                    raise ImageReadError(f"{path}: the label map is a {im.mode} image; labels must be single-channel "
+                                         "(palette or grey) images whose pixel values are the class ids, not colours")
+                labels = np.asarray(im)
+    except ImageReadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any decoder failure means "not a label map we can read"
+        raise ImageReadError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+    return labels.astype(np.int64)

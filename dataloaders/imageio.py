@@ -4,12 +4,15 @@ from typing import Tuple
 
 from PIL import Image
 
+from common.images import open_image
+
 STORE_SHORT_SIDE = 224
 
 
 def decode_rgb(data: bytes) -> Image.Image:
-    """Encoded bytes -> RGB PIL image (grayscale, palette, CMYK, RGBA all converted). Raises on corrupt data."""
-    with Image.open(io.BytesIO(data)) as img:
+    """Encoded bytes -> RGB PIL image (grayscale, palette, CMYK, RGBA all converted). Raises on corrupt data and on
+    formats outside ``common.images.IMAGE_FORMATS`` (PostScript never reaches Ghostscript)."""
+    with open_image(io.BytesIO(data)) as img:
         img.load()  # decode now: truncated files must fail here, not later inside a transform
         return img.convert("RGB")
 

@@ -20,6 +20,9 @@ from dataloaders.stores import StoreError
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# The most one member of a sample may unpack to. img2dataset writes photos of a few hundred KB and captions of a
+# few hundred bytes; a compressed shard (.tar.gz) could otherwise unpack one member to gigabytes (a "zip bomb").
+MAX_MEMBER_BYTES = 64 << 20
 
 
 def brace_expand(spec: str) -> List[str]:
@@ -89,6 +92,11 @@ def _samples(path, start: int = 0, stop: Optional[int] = None, read: bool = True
                     if stop is not None and position >= stop:
                         return
                 if read and position >= start:
+                    if member.size > MAX_MEMBER_BYTES:   # the tar header's size: nothing decompressed yet
+                        logger.warning("shard %s: member %s unpacks to %d bytes, more than the %d a sample member may "
+                                       "hold (a zip bomb?); not read, the sample goes without it", path, member.name,
+                                       member.size, MAX_MEMBER_BYTES)
+                        continue
                     current[ext] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as e:
         logger.warning("shard %s is truncated or corrupt (%s); keeping the samples read before", path, e)

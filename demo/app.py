@@ -177,6 +177,13 @@ class WebSegmenter:
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
 
+def example_class_names(path: Path) -> str:
+    """An example's class-name file (one class per line) -> the page's names box, read as every class-name file
+    is (``seg_segmentation.classes``: UTF-8 with or without a byte-order mark, '#' lines skipped)."""
+    from seg_segmentation.classes import name_lines, read_name_text
+    return ", ".join(name_lines(read_name_text(path, "example class names")))
+
+
 def load_segmenter(args) -> WebSegmenter:
     """Load the model once, as main_seg_vis.py does (``load_demo_model``): SegCLIP from --init_model or the
     released checkpoint (downloaded when missing), or the CLIP of --pretrained_clip_name for sclip / clip."""
@@ -281,8 +288,7 @@ def build_page(seg: WebSegmenter, examples_dir: Path = EXAMPLES_DIR):
     examples = []
     for jpg in sorted(examples_dir.glob("*.jpg")):
         txt = jpg.with_suffix(".txt")
-        names = [n.strip() for n in txt.read_text().splitlines() if n.strip()] if txt.is_file() else []
-        examples.append([str(jpg), ", ".join(names)])
+        examples.append([str(jpg), example_class_names(txt) if txt.is_file() else ""])
 
     title = "SegCLIP" if seg.method == "segclip" else f"{seg.method.upper()} (training-free CLIP)"
     with gr.Blocks(title="SegCLIP web demo", analytics_enabled=False) as page:

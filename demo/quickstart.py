@@ -35,7 +35,10 @@ REPO = Path(__file__).resolve().parents[1]
 FIRST_STAGE_LAYER = 2
 
 
-RUN_MARKER = ".segclip_quickstart"   # in --output_dir: its data/ and store/ are the quickstart's own
+# Written inside every folder of --output_dir the quickstart makes (data/, store/, train_clip/, train/): only such a
+# folder is ever replaced by a later run; a folder of the same name without it is the user's and is never touched.
+OWN_MARKER = ".segclip_quickstart"
+OWN_FOLDERS = ("data", "store", "train_clip", "train")
 
 
 class StepError(SegCLIPError, RuntimeError):
@@ -84,6 +87,35 @@ def get_args(argv=None):
     if args.train_size % 16:
         raise UsageError(f"--train_size {args.train_size} must be a multiple of the patch size 16")
     return args
+
+
+def is_own(folder: Path) -> bool:
+    return folder.is_dir() and not folder.is_symlink() and (folder / OWN_MARKER).is_file()
+
+
+def check_own_folders(out: Path) -> None:
+    """Before any step: every folder the quickstart writes into is absent, empty, or its own (marker inside);
+    otherwise UsageError naming it, and nothing is touched."""
+    for name in OWN_FOLDERS:
+        folder = out / name
+        if not (folder.exists() or folder.is_symlink()) or is_own(folder):
+            continue
+        if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
+            continue
+        raise UsageError(f"{folder} was not made by demo/quickstart.py (it has no {OWN_MARKER} marker inside; "
+                         "quickstart runs before this version left none) and the quickstart would write into it: "
+                         "move it away, or choose another --output_dir")
+
+
+def own_folder(folder: Path, fresh: bool = False) -> Path:
+    """``folder`` as the quickstart's own, with its marker; ``fresh``: emptied first (only ever an own folder:
+    ``check_own_folders`` ran before)."""
+    if fresh and is_own(folder):
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / OWN_MARKER).is_file():
+        atomic_write_text(folder / OWN_MARKER, "this folder was made by demo/quickstart.py, which may replace it\n")
+    return folder
 
 
 def run_step(name: str, cmd: list, log_dir: Path, threads: int = 0) -> float:
@@ -149,11 +181,11 @@ def chance_levels(val_root: Path, class_names: list, seed: int) -> dict:
     class per pixel."""
     import numpy as np
     import torch
-    from PIL import Image
+    from common.images import read_label_map
     from seg_segmentation.evaluate import areas_to_metrics, intersect_and_union
     rng = np.random.default_rng(seed)
     C = len(class_names)
-    gts = [torch.from_numpy(np.asarray(Image.open(png)).astype(np.int64))
+    gts = [torch.from_numpy(read_label_map(png))
            for png in sorted((val_root / "SegmentationClass").glob("*.png"))]
     majority = int(torch.bincount(torch.cat([g.flatten() for g in gts]), minlength=C).argmax())
     bg, rnd = torch.zeros(4, C, dtype=torch.int64), torch.zeros(4, C, dtype=torch.int64)
@@ -230,16 +262,13 @@ def main(argv=None) -> int:
     threads = max(1, (os.cpu_count() or 1) - loader_workers)
     times = {}
     t_start = time.perf_counter()
-    if not (args.keep_data and clip_file.exists()):
-        # A new world replaces the old one whole: stale shards or store entries of an earlier run (another seed or
-        # size) would otherwise be trained on next to the new ones. Only folders this script made are removed
-        # (its marker file says so), never a data/ or store/ of the user's that happens to be in --output_dir.
-        if (out / RUN_MARKER).is_file():
-            for old in (data, store):
-                if old.is_dir():
-                    shutil.rmtree(old)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / RUN_MARKER, "folders data/ and store/ here were made by demo/quickstart.py\n")
+    check_own_folders(out)                # a user's data/ (or store/, train/ ...) here: refused, nothing touched
+    # A new world replaces the old one whole: stale shards or store entries of an earlier run (another seed or size)
+    # would otherwise be trained on next to the new ones. Only the quickstart's own folders are ever replaced.
+    new_world = not (args.keep_data and clip_file.exists())
+    for name in OWN_FOLDERS:
+        own_folder(out / name, fresh=new_world and name in ("data", "store"))
+    if new_world:
         times["generate"] = run_step("generate", [
             "-m", "preprocess.synthetic", "--output_dir", data, "--num_train", args.num_train,
             "--num_val", args.num_val, "--size", args.image_size, "--seed", args.seed,
@@ -264,19 +293,21 @@ def main(argv=None) -> int:
     if args.clip_epochs > 0:
         times["train_clip"] = run_step("train_clip", common + [
             "--plain_clip", "--epochs", args.clip_epochs, "--lr", args.clip_lr, "--lower_lr", args.clip_lr,
-            "--freeze_layer_num", -1, "--output_dir", clip_dir] + mae_flag, logs, threads=threads)
+            "--freeze_layer_num", -1, "--output_dir", clip_dir, "--overwrite"] + mae_flag, logs, threads=threads)
         init = ["--init_model", last_checkpoint(clip_dir, args.clip_epochs)]
     times["train"] = run_step("train", common + init + [
         "--epochs", args.epochs, "--lr", args.lr, "--lower_lr", args.lower_lr,
         "--freeze_layer_num", -1,   # -1: no block frozen (the CLIP moves at --lower_lr only); as in 2022 the
-        "--output_dir", train_dir]  # patch embedding stays frozen
+        "--output_dir", train_dir, "--overwrite"]  # patch embedding stays frozen. --overwrite: the folder is
+        # the quickstart's own (check_own_folders), and a rerun trains afresh
         + ["--use_seglabel"] * use_seglabel + mae_flag, logs, threads=threads)
     checkpoint = last_checkpoint(train_dir, args.epochs)
 
     import torch
     from modules.checkpoint import load_clip_state_dict, load_segclip
     from modules.modeling import SegCLIP
-    class_names = [c for c in (data / "val" / "classes.txt").read_text().split("\n") if c.strip()]
+    from seg_segmentation.classes import read_class_file
+    class_names = read_class_file(data / "val" / "classes.txt", "the quickstart's class-name file")
     # The untrained model: the random CLIP with freshly initialised (seeded) centers, saved as a checkpoint so that
     # every model goes through the same evaluation script.
     untrained_file = out / "untrained.bin"

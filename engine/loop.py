@@ -78,6 +78,8 @@ class Trainer:
         self.eval_results: Dict[int, Dict[str, float]] = {}
         self.skipped_steps = 0
         self.last_saved_step: Optional[int] = position.global_step if position.global_step else None
+        self.resumed_at: Optional[int] = self.last_saved_step      # the resumed state's step (None: a fresh start)
+        self._finite_steps = 0                         # steps of this run with a finite loss and gradient
         self._unchecked: Deque[StepRecord] = deque()   # flags not yet looked at
         self._unlogged: List[StepRecord] = []          # values not yet read from the device
         self._agreed_stop = False
@@ -121,6 +123,8 @@ class Trainer:
                 self.skipped_steps += 1
                 if self.env.is_main:
                     logger.warning("step %d: non-finite loss or gradient: update skipped", rec.step)
+            else:
+                self._finite_steps += 1
             if self.guard.update(rec.skipped, rec.step):
                 raise self._divergence_error(rec)
 
@@ -129,13 +133,24 @@ class Trainer:
         self._check_settled()
 
     def _divergence_error(self, rec: StepRecord) -> DivergenceError:
+        if self.resumed_at is not None and self._finite_steps == 0:
+            # Not a learning rate to lower: a resumed run keeps the rates saved in its state, so --resume auto would
+            # meet the same wall again. The state itself (or the data from its position on) cannot be continued.
+            weights = f"{self.out_dir}/pytorch_model.bin.N" if self.out_dir else "pytorch_model.bin.N"
+            return DivergenceError(
+                f"every one of the {self.guard.streak} optimizer steps since resuming from the training state of "
+                f"optimizer step {self.resumed_at} had a non-finite loss or gradient, so training stopped: that state "
+                "cannot be continued as it is (a resumed run keeps the learning rates saved in its state, so lowering "
+                f"--lr does not change it). Start afresh with --overwrite, e.g. from a good epoch's weights with "
+                f"--init_model {weights}, or raise --max_nonfinite_steps (0 disables this check)")
         kept = (f"the latest training state in {self.out_dir} (optimizer step {self.last_saved_step}) is from "
                 f"before them and stays the one --resume auto continues from" if self.last_saved_step else
                 "no training state was saved")
         return DivergenceError(f"{self.guard.streak} consecutive optimizer steps ({self.guard.first_bad}-"
                                f"{rec.step}) had a non-finite loss or gradient, so training stopped; {kept}. "
-                               f"Lower --lr (the largest LR now is {max(rec.lrs):.3g}), try --amp off, or raise "
-                               f"--max_nonfinite_steps (0 disables this check)")
+                               f"Lower --lr (the largest LR now is {max(rec.lrs):.3g}) and start afresh with "
+                               "--overwrite (a resumed run keeps the learning rates saved in its state), try --amp "
+                               "off, or raise --max_nonfinite_steps (0 disables this check)")
 
     @property
     def stop_requested(self) -> bool:

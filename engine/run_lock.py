@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from common.errors import SegCLIPError
-from common.fileio import atomic_create_text
+from common.fileio import atomic_create_text, temporary_name
 
 from .distributed import DistEnv, on_main_process
 
@@ -82,7 +82,7 @@ class RunLock:
 
     def _take_over(self, stale: dict) -> None:
         """Move the stale lock aside; if another starting run replaced it meanwhile, put that one back."""
-        grave = self.path.with_name(f".{LOCK_NAME}.stale-{os.getpid()}")
+        grave = temporary_name(self.path)     # a crash right here leaves a temporary the clean-up knows
         try:
             os.replace(self.path, grave)
         except FileNotFoundError:

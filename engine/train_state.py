@@ -10,7 +10,7 @@ import random
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -85,7 +85,35 @@ def load_training_state(path: PathLike) -> Dict[str, Any]:
             raise ResumeError(f"{path} is a 2022 'pytorch_opt.bin' optimizer file, whose optimizer state this "
                               f"implementation cannot continue; start from its weights with --init_model")
         raise ResumeError(f"{path} is not a SegCLIP training state (no '{STATE_FORMAT}' marker)")
+    _refuse_non_finite(path, state)
     return dict(state)
+
+
+def _non_finite(tensors) -> Optional[str]:
+    """'<name>: N NaN, M inf' of the first floating tensor in (name, tensor) pairs holding NaN or inf, else None."""
+    from modules.state_dict import all_finite
+    for name, v in tensors:
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() and not all_finite(v):
+            nan = int(torch.isnan(v).sum())
+            return f"{name}: {nan} NaN, {int((~torch.isfinite(v)).sum()) - nan} inf"
+    return None
+
+
+def _refuse_non_finite(path: Path, state: Mapping[str, Any]) -> None:
+    """A state whose weights or optimizer moments hold NaN / inf cannot be continued: every step from it is
+    non-finite, and --resume auto would meet it again after every try. Say what it is and how to recover."""
+    optim = (state.get("optimizer") or {}).get("state") or {}
+    bad = _non_finite((f"model tensor {k}", v) for k, v in (state.get("model") or {}).items()) or _non_finite(
+        (f"optimizer state {k}.{name}", v) for k, entry in optim.items() if isinstance(entry, Mapping)
+        for name, v in entry.items())
+    if bad is None:
+        return
+    weights = sorted(path.parent.glob(WEIGHTS_NAME.format(epoch="*")),
+                     key=lambda p: int(p.suffix[1:]) if p.suffix[1:].isdigit() else -1)
+    start = (f", e.g. from the last epoch's weights with --init_model {weights[-1]}" if weights else "")
+    raise ResumeError(f"{path} holds non-finite values ({bad}): it was saved from a diverged run or is damaged, and "
+                      f"continuing it would only give non-finite steps; start afresh with --overwrite{start}, or "
+                      "resume from an earlier copy of the state with --resume_model FILE")
 
 
 def check_model_fits(model_sd: Mapping[str, torch.Tensor], saved_sd: Mapping[str, torch.Tensor],
@@ -133,9 +161,42 @@ class Position:
     global_step: int = 0
 
 
+def _saved_micro_layout(state: Mapping[str, Any]) -> Tuple[Optional[int], Optional[int]]:
+    """(samples per micro-batch, micro-batches per epoch) of the run that wrote ``state``; None where it does not
+    say (states of earlier versions: the sample count from their flags)."""
+    per_micro = state.get("samples_per_micro")
+    if per_micro is None:
+        args = state.get("args") or {}
+        if isinstance(args.get("batch_size"), int) and isinstance(args.get("gradient_accumulation_steps"), int):
+            per_micro = args["batch_size"] // max(1, args["gradient_accumulation_steps"])
+    return per_micro, state.get("micro_per_epoch")
+
+
+def _same_samples(pos: Position, state: Mapping[str, Any], samples_per_micro: Optional[int], env: DistEnv) -> Position:
+    """The saved position counts micro-batches of the run that wrote it; after a change of --batch_size or
+    --gradient_accumulation_steps it is converted to this run's micro-batches at the same sample, so that no sample
+    of the interrupted epoch is skipped (the data order is one permutation of samples, whatever the batch size)."""
+    saved, saved_per_epoch = _saved_micro_layout(state)
+    if not saved or not samples_per_micro or saved == samples_per_micro or pos.micro == 0:
+        return pos
+    if saved_per_epoch and pos.micro >= saved_per_epoch:      # saved at the end of an epoch: the next one starts
+        return Position(pos.epoch + 1, 0, pos.global_step)
+    done = pos.micro * saved
+    micro, extra = divmod(done, samples_per_micro)
+    if env.is_main:
+        logger.warning("the training state was written with micro-batches of %d samples (--batch_size / "
+                       "--gradient_accumulation_steps), this run's hold %d: epoch %d continues after its first %d "
+                       "samples, at micro-batch %d%s", saved, samples_per_micro, pos.epoch + 1,
+                       micro * samples_per_micro, micro,
+                       f" (the {extra} samples before the saved position are seen again)" if extra else "")
+    return Position(pos.epoch, micro, pos.global_step)
+
+
 def restore_training_state(state: Mapping[str, Any], *, model, optimizer, scheduler, scaler, env: DistEnv,
-                           micro_per_epoch: int, total_steps: int, seed: int) -> Position:
-    """Load a state from :func:`load_training_state` into the objects of this run; -> where to continue."""
+                           micro_per_epoch: int, total_steps: int, seed: int,
+                           samples_per_micro: Optional[int] = None) -> Position:
+    """Load a state from :func:`load_training_state` into the objects of this run; -> where to continue.
+    ``samples_per_micro``: samples of one global micro-batch of this run (--batch_size / accumulation steps)."""
     check_model_fits(model.state_dict(), state["model"])
     model.load_state_dict(state["model"])
     try:
@@ -146,7 +207,8 @@ def restore_training_state(state: Mapping[str, Any], *, model, optimizer, schedu
     scheduler.load_state_dict(state["scheduler"])
     if state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    pos = Position(int(state["epoch"]), int(state["micro_step"]), int(state["global_step"]))
+    pos = _same_samples(Position(int(state["epoch"]), int(state["micro_step"]), int(state["global_step"])), state,
+                        samples_per_micro, env)
     if pos.micro >= micro_per_epoch:
         pos = Position(pos.epoch + 1, 0, pos.global_step)
     if env.is_main and state.get("total_steps", total_steps) != total_steps:
@@ -166,20 +228,45 @@ def restore_training_state(state: Mapping[str, Any], *, model, optimizer, schedu
     return pos
 
 
+def _refuse_fresh_start(found: Optional[Path], resume_model: Optional[PathLike], overwrite: bool) -> Optional[str]:
+    """Rank 0, without --resume auto: None to go on (after deleting an earlier state when ``overwrite``), else the
+    one line that refuses to replace an earlier run's training state."""
+    if found is None:
+        return None
+    if resume_model and Path(resume_model).resolve() == found.resolve():
+        return None                      # continuing this folder's own state, named explicitly
+    if overwrite:
+        found.unlink(missing_ok=True)
+        logger.info("--overwrite: deleted the training state of an earlier run, %s; starting afresh", found)
+        return None
+    return (f"{found.parent} holds the training state of an earlier run ({STATE_NAME}); use --resume auto to "
+            f"continue it, or choose another --output_dir, or pass --overwrite to start afresh (that replaces its "
+            f"{STATE_NAME} and metrics.jsonl)")
+
+
 def load_resume_state(env: DistEnv, output_dir: Optional[PathLike], resume_model: Optional[PathLike] = None,
-                      auto: bool = False) -> Optional[Dict[str, Any]]:
+                      auto: bool = False, overwrite: bool = False) -> Optional[Dict[str, Any]]:
     """The training state to continue from (``--resume_model FILE`` or ``--resume auto``), or None to start fresh.
 
     With ``--resume auto`` rank 0 decides whether there is a state and tells the others; every rank then reads
     ``OUTPUT_DIR/training_state.pt`` on its own filesystem. A rank without the file, or with a copy of another
     step, fails on every rank with one line naming it -- rather than ranks starting at different steps and hanging
     in mismatched collectives.
+
+    Without ``--resume auto``, a training state already in ``output_dir`` (an earlier run's progress) is never
+    overwritten by default: ResumeError, unless ``overwrite`` (``--overwrite``: that state is then deleted here,
+    so that the folder never pairs it with the new run's files) or ``resume_model`` is that very file.
     """
+    found = find_resume_file(output_dir) if (output_dir is not None and env.is_main) else None
+    if not auto:
+        refusal = _refuse_fresh_start(found, resume_model, overwrite) if env.is_main else None
+        refusal = broadcast_object(env, refusal)
+        if refusal is not None:
+            raise ResumeError(refusal)
     if resume_model:
         choice = str(resume_model)
     else:                   # --resume auto: rank 0 decides whether there is a state; each rank reads its own copy
-        found = find_resume_file(output_dir) if (auto and env.is_main) else None
-        choice = str(Path(output_dir) / STATE_NAME) if broadcast_object(env, found is not None) else None
+        choice = str(Path(output_dir) / STATE_NAME) if broadcast_object(env, auto and found is not None) else None
     if choice is None:
         if auto and env.is_main:
             logger.info("--resume auto: no training state in %s, starting fresh", output_dir)

@@ -87,10 +87,11 @@ def train(model: nn.Module, dataset, cfg: TrainConfig, env: DistEnv, resume_stat
     total_steps = data.steps_per_epoch * cfg.epochs
     optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps)
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.amp == "fp16")
+    samples_per_micro = cfg.batch_size // cfg.gradient_accumulation_steps     # one global micro-batch
     if resume_state is not None:
         position = restore_training_state(resume_state, model=model, optimizer=optimizer, scheduler=scheduler,
                                           scaler=scaler, env=env, micro_per_epoch=data.micro_per_epoch,
-                                          total_steps=total_steps, seed=cfg.seed)
+                                          total_steps=total_steps, seed=cfg.seed, samples_per_micro=samples_per_micro)
     else:
         position = Position()
         seed_everything(cfg.seed + env.rank)   # noise streams differ per rank; the model is already identical
@@ -104,7 +105,8 @@ def train(model: nn.Module, dataset, cfg: TrainConfig, env: DistEnv, resume_stat
             MetricsWriter(cfg.output_dir, env.is_main, cfg.tensorboard, position.global_step) as metrics:
         trainer = Trainer(model=model, data=data, step=step, cfg=cfg, env=env, position=position,
                           total_steps=total_steps, metrics=metrics, signals=signals, eval_fn=eval_fn,
-                          extra_state=extra_state)
+                          extra_state=dict(extra_state or {}, samples_per_micro=samples_per_micro,
+                                           micro_per_epoch=data.micro_per_epoch))   # a resume's position in samples
         return trainer.fit()
 
 

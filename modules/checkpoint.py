@@ -15,7 +15,7 @@ import torch
 
 from common.download import resolve_clip_weights, resolve_vfm_weights
 from common.errors import brief
-from common.fileio import TMP_MARK
+from common.fileio import temporary_owner
 from common.state_keys import diff_keys
 from .clip import CLIP
 from .clip_formats import (ClipWeights, is_safetensors, is_torchscript, read_hf_folder, read_safetensors,
@@ -35,8 +35,15 @@ WRAPPER_KEYS = ("state_dict", "model", "module")
 def load_state_dict_file(path: PathLike) -> Dict[str, torch.Tensor]:
     """path -> {name: tensor} on CPU.  Accepts a plain state dict, a dict wrapping one under 'state_dict' /
     'model', a DDP-prefixed ('module.') dict, a TorchScript archive (OpenAI CLIP files; read without running it)
-    or a ``.safetensors`` file."""
+    or a ``.safetensors`` file.
+
+    Every weights file the project reads passes here (SegCLIP checkpoints, CLIP weights of every format, the weights
+    file of a Hugging Face folder), so this is where NaN / inf values are refused, whatever the format."""
     path = Path(path)
+    return check_finite(_read_state_dict_file(path), source=str(path))
+
+
+def _read_state_dict_file(path: Path) -> Dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
     if is_torchscript(path):
@@ -53,7 +60,7 @@ def load_state_dict_file(path: PathLike) -> Dict[str, torch.Tensor]:
     for key in WRAPPER_KEYS:
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
-    return check_finite(as_state_dict(obj, source=str(path)), source=str(path))
+    return as_state_dict(obj, source=str(path))
 
 
 _REDOWNLOAD = "delete it and download it again"
@@ -74,19 +81,22 @@ def unreadable_checkpoint(path: Path, e: BaseException) -> CheckpointError:
     if low.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head")) or b"<html" in low[:512]:
         return CheckpointError(f"{path} is an HTML page ({size:,} bytes), not a checkpoint: the download saved an "
                                f"error or sign-in page instead of the file; {_REDOWNLOAD}")
-    if path.name.endswith(".part") or TMP_MARK in path.name:
+    if path.name.endswith(".part") or temporary_owner(path.name) is not None:   # a browser's or ours
         return CheckpointError(f"{path} is the temporary file of an unfinished download ({size:,} bytes); "
                                f"{_REDOWNLOAD}")
     if head.startswith(b"PK\x03\x04") and not zipfile.is_zipfile(path):
         return CheckpointError(f"{path} is truncated ({size:,} bytes; the end of the archive is missing), left by "
                                f"an interrupted download or copy; {_REDOWNLOAD}")
     text = str(e)
-    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-    if found:
-        return CheckpointError(f"{path} holds Python objects (such as {found.group(1)}), not only tensors; reading "
-                               "them could run code, so the file is not loaded. Save the weights alone, with "
-                               "torch.save(model.state_dict(), path)")
     refused = "Weights only load failed" in text        # torch's safe reader met something it does not read
+    # torch names the first global it refuses ("Unsupported global: GLOBAL x.y", or in newer versions "unsupported
+    # GLOBAL x.y whose module x is blocked"); an old-protocol pickle it cannot even parse is read for its globals
+    found = re.search(r"unsupported global:? GLOBAL ([\w.]+)", text, re.IGNORECASE)
+    foreign = found.group(1) if found else (pickle_foreign_global(path) if refused and head[:1] != b"\x80" else None)
+    if foreign:
+        return CheckpointError(f"{path} holds Python objects (such as {foreign}), not only tensors; reading them "
+                               "would run code, so the file is refused (it is not damaged: downloading it again does "
+                               "not help). Save the weights alone, with torch.save(model.state_dict(), path)")
     if head[:1] == b"\x80":      # a pickle protocol byte: the pre-zip torch.save format, or plain pickle.dump
         if refused:
             return CheckpointError(f"{path} is a pickle that is not a weights-only PyTorch checkpoint (written by "
@@ -103,12 +113,58 @@ def unreadable_checkpoint(path: Path, e: BaseException) -> CheckpointError:
                            "saved with torch.save(model.state_dict(), path)")
 
 
+# Globals a weights-only file refers to (torch's tensor and storage rebuilding, OrderedDict, bytes in protocol 2).
+_WEIGHTS_GLOBALS = ("torch.", "collections.OrderedDict", "_codecs.encode")
+_MAX_PICKLE_SCAN = 64 << 20     # a checkpoint's pickle is kilobytes: only this much is read to look for globals
+
+
+def pickle_foreign_global(path: Path) -> Optional[str]:
+    """The first global (module.name) a pickle in ``path`` refers to beyond what a weights file holds -- an object
+    to build or a function to call -- or None. Read from its opcodes with ``pickletools`` (which runs nothing):
+    a plain pickle file (every protocol; several in a row, as the pre-zip torch.save writes), or the data.pkl of
+    a zip checkpoint."""
+    import io
+    import pickletools
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                infos = [i for i in zf.infolist() if i.filename.endswith("data.pkl")]
+                if not infos or infos[0].file_size > _MAX_PICKLE_SCAN:
+                    return None
+                data = zf.read(infos[0])
+        else:
+            with open(path, "rb") as f:
+                data = f.read(_MAX_PICKLE_SCAN)
+    except (OSError, zipfile.BadZipFile):
+        return None
+    stream, strings = io.BytesIO(data), []
+    for _ in range(8):                  # the pre-zip format: magic number, protocol, system info, the object
+        try:
+            for op, arg, _pos in pickletools.genops(stream):
+                if op.name in ("GLOBAL", "INST"):
+                    name = str(arg).replace(" ", ".")
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    name = f"{strings[-2]}.{strings[-1]}"
+                else:
+                    if isinstance(arg, str):
+                        strings.append(arg)
+                    continue
+                if not name.startswith(_WEIGHTS_GLOBALS):
+                    return name
+        except Exception:  # noqa: BLE001 - the end of the pickles (storage bytes follow) or damage: stop looking
+            return None
+        if stream.tell() >= len(data):
+            return None
+    return None
+
+
 # ---------------------------------------------------------------------------------------------- OpenAI CLIP
 def load_clip_weights(path_or_state_dict, cache_dir: Optional[str] = None) -> ClipWeights:
     """A CLIP model name ('ViT-B/16'), a file (OpenAI TorchScript, a state dict, an open_clip checkpoint,
     ``.safetensors``), a Hugging Face ``transformers`` CLIP folder, or a state dict -> OpenAI-layout ClipWeights."""
     if isinstance(path_or_state_dict, Mapping):
-        weights = to_openai_layout(as_state_dict(path_or_state_dict, "CLIP state dict"))
+        weights = to_openai_layout(check_finite(as_state_dict(path_or_state_dict, "CLIP state dict"),
+                                                "CLIP state dict"))
     else:
         path = Path(path_or_state_dict)
         if not path.exists():

@@ -36,6 +36,26 @@ _STORAGE_DTYPES = {
 }
 
 
+# Bounds on what an archive may unpack to, checked from the zip directory before anything is decompressed (a zip
+# bomb packs gigabytes into kilobytes): the pickles and code/ declarations of a real archive are kilobytes, a
+# storage holds exactly its tensor's bytes, and torch stores storages uncompressed.
+MAX_ARCHIVE_RECORD = 64 << 20
+MAX_COMPRESSION = 20          # unpacked : packed, for members above 1 MB
+
+
+def read_member(zf: zipfile.ZipFile, name: str, source: str, limit: int) -> bytes:
+    """``zf.read(name)`` once the zip directory says it unpacks to at most ``limit`` bytes, at a plausible
+    compression ratio; CheckpointError otherwise, before anything is decompressed. zipfile itself never returns
+    more than the directory's size."""
+    info = zf.getinfo(name)
+    if info.file_size > limit or (info.file_size > (1 << 20)
+                                  and info.file_size > MAX_COMPRESSION * max(info.compress_size, 1)):
+        raise CheckpointError(f'{source}: {name} in the archive unpacks to {info.file_size:,} bytes from '
+                              f'{info.compress_size:,} (at most {limit:,} belong there): a zip bomb or a damaged '
+                              'file, so it is not read')
+    return zf.read(name)
+
+
 def is_torchscript(path: Path) -> bool:
     """A zip archive with TorchScript's ``constants.pkl`` (plain ``torch.save`` zips have none)."""
     if not zipfile.is_zipfile(path):
@@ -113,12 +133,13 @@ class _ArchiveUnpickler(pickle.Unpickler):
         key = str(key)
         if key not in self.storages:
             name = f'{self.prefix}data/{key}'
-            try:
-                raw = bytearray(self.zf.read(name))
+            dtype = _STORAGE_DTYPES[kind]
+            try:       # a storage holds exactly its values' bytes
+                raw = bytearray(read_member(self.zf, name, self.source,
+                                            int(numel) * torch.empty((), dtype=dtype).element_size()))
             except KeyError:
                 raise CheckpointError(f'{self.source}: the TorchScript archive lacks {name} (truncated or partial '
                                       'download?); delete it and download it again') from None
-            dtype = _STORAGE_DTYPES[kind]
             flat = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
             if flat.numel() < int(numel):
                 raise CheckpointError(f'{self.source}: storage {key} holds {flat.numel()} values, the archive says '
@@ -131,7 +152,8 @@ _CLASS_RX = re.compile(r'^class (\w+)\(Module\):\s*$', re.M)
 _LIST_RX = r'^\s+{}\s*=\s*\[(.*?)\]'
 
 
-def _module_declarations(zf: zipfile.ZipFile, prefix: str) -> Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...]]]:
+def _module_declarations(zf: zipfile.ZipFile, prefix: str,
+                         source: str) -> Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...]]]:
     """qualified class name -> (parameter names, buffer names), from the archive's ``code/`` declarations (read
     as text). ``code/__torch__/a/b.py`` declares the classes of TorchScript module ``__torch__.a.b``."""
     decls = {}
@@ -140,7 +162,7 @@ def _module_declarations(zf: zipfile.ZipFile, prefix: str) -> Dict[str, Tuple[Tu
         if not (name.startswith(root) and name.endswith('.py')):
             continue
         module = name[len(root):-len('.py')].replace('/', '.')
-        text = zf.read(name).decode('utf-8', errors='replace')
+        text = read_member(zf, name, source, MAX_ARCHIVE_RECORD).decode('utf-8', errors='replace')
         starts = list(_CLASS_RX.finditer(text))
         for i, m in enumerate(starts):
             body = text[m.end():starts[i + 1].start() if i + 1 < len(starts) else len(text)]
@@ -161,11 +183,12 @@ def read_torchscript_state_dict(path: Path) -> Dict[str, torch.Tensor]:
         if len(pkl) != 1:
             raise CheckpointError(f'{source}: a TorchScript archive needs one <name>/data.pkl, found {pkl[:3]}')
         prefix = pkl[0][:-len('data.pkl')]
-        if prefix + 'byteorder' in zf.namelist() and zf.read(prefix + 'byteorder').strip() not in (b'little', b''):
+        if prefix + 'byteorder' in zf.namelist() and \
+                read_member(zf, prefix + 'byteorder', source, 64).strip() not in (b'little', b''):
             raise CheckpointError(f'{source}: a big-endian TorchScript archive; re-save it on a little-endian machine')
-        decls = _module_declarations(zf, prefix)
+        decls = _module_declarations(zf, prefix, source)
         try:
-            root = _ArchiveUnpickler(zf.read(pkl[0]), zf, prefix, source).load()
+            root = _ArchiveUnpickler(read_member(zf, pkl[0], source, MAX_ARCHIVE_RECORD), zf, prefix, source).load()
         except CheckpointError:
             raise
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, AttributeError) as e:

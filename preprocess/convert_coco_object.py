@@ -20,6 +20,8 @@ from tqdm import tqdm
 
 from common import cli
 from common.errors import MissingFileError
+from common.fileio import atomic_save_image
+from common.images import open_image
 
 OUT_SUFFIX = '_instanceTrainIds.png'
 # 0-based COCO category ids with no category (COCO skips 12, 26, 29, 30, 45, 66, 68, 69, 71, 83)
@@ -44,13 +46,12 @@ def convert_file(src: str, dst: str, overwrite: bool = False):
     if not overwrite and osp.isfile(dst):
         return src, 'kept'
     try:
-        with Image.open(src) as im:
+        with open_image(src) as im:
             lab = np.array(im)
         if lab.ndim != 2 or lab.dtype != np.uint8:
             return src, f'expected a single-channel 8-bit label map, got shape {lab.shape} {lab.dtype}'
-        tmp = dst + '.tmp.png'
-        Image.fromarray(object_lut()[lab]).save(tmp)
-        os.replace(tmp, dst)      # atomic: an interrupted run never leaves a half-written output
+        # atomic: an interrupted run never leaves a half-written output (nor a temporary of a name of its own)
+        atomic_save_image(dst, Image.fromarray(object_lut()[lab]), format='PNG')
         return src, 'done'
     except Exception as e:  # corrupt file: skip and count it, keep converting the rest
         return src, f'{type(e).__name__}: {e}'

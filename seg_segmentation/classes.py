@@ -140,9 +140,12 @@ def validate_class_names(names, source: str = 'class names') -> List[str]:
     return names
 
 
+BOM = '\ufeff'   # a byte-order mark: Notepad and other Windows editors start "UTF-8" files with it
+
+
 def parse_class_list(text: str, source: str = '--classes') -> List[str]:
     """'cat, dog, sky' (commas and/or newlines) -> ['cat', 'dog', 'sky']; one trailing comma is tolerated."""
-    items = text.replace('\n', ',').split(',')
+    items = text.removeprefix(BOM).replace('\n', ',').split(',')
     if len(items) > 1 and not items[-1].strip():
         items = items[:-1]
     return validate_class_names(items, source)
@@ -150,18 +153,25 @@ def parse_class_list(text: str, source: str = '--classes') -> List[str]:
 
 def name_lines(text: str) -> List[str]:
     """The lines of a class-name file that name classes: stripped, without blank lines and lines starting with
-    '#' (every class-name file is read this way; label i is the i-th such line)."""
-    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith('#')]
+    '#' (every class-name file is read this way; label i is the i-th such line). A leading byte-order mark is no
+    part of the first line (text pasted from such a file into the web page keeps it)."""
+    return [ln.strip() for ln in text.removeprefix(BOM).splitlines() if ln.strip() and not ln.strip().startswith('#')]
+
+
+def read_name_text(path, source: str = '--classes_file', error=UsageError) -> str:
+    """The text of a class-name file (every one is read here): UTF-8, a leading byte-order mark dropped
+    (``utf-8-sig``), so that it neither becomes part of class 0's name nor hides a first '#' comment line.
+    ``error``: the UsageError subclass raised for a file that cannot be read."""
+    try:
+        return Path(path).read_text(encoding='utf-8-sig')
+    except (OSError, UnicodeDecodeError) as e:
+        why = 'file not found' if isinstance(e, FileNotFoundError) else str(e)
+        raise error(f'{source} {path}: cannot read ({why})') from None
 
 
 def read_class_file(path, source: str = '--classes_file') -> List[str]:
     """One class name per line, in label order (``name_lines``)."""
-    try:
-        text = Path(path).read_text(encoding='utf-8')
-    except (OSError, UnicodeDecodeError) as e:
-        why = 'file not found' if isinstance(e, FileNotFoundError) else str(e)
-        raise UsageError(f'{source} {path}: cannot read ({why})') from None
-    return validate_class_names(name_lines(text), f'{source} {path}')
+    return validate_class_names(name_lines(read_name_text(path, source)), f'{source} {path}')
 
 
 for _name, _classes in DATASET_CLASSES.items():

@@ -20,14 +20,13 @@ import torch
 from . import mmcv_compat  # noqa: F401  (before any mmseg import: mmcv-lite lacks the compiled ops)
 from .classes import COCO_OBJECT_CLASSES
 from .preprocessing import eval_image_tensor
-from common.errors import SegCLIPError
-from common.images import DEFAULT_MAX_IMAGE_PIXELS, ImageReadError, ImageTooLargeError, check_image_size
+from common.errors import SegCLIPError, UsageError
+from common.images import (DEFAULT_MAX_IMAGE_PIXELS, LABEL_MODES, ImageReadError, ImageTooLargeError,
+                           check_image_size, read_label_map)
 
 logger = logging.getLogger(__name__)
 
 CUSTOM_DATASET = 'custom'
-# Pillow modes of a label map holding one class id per pixel; RGB(A) "colour labels" are refused by name
-LABEL_MODES = ('P', 'L', 'I', 'I;16', 'I;16L', 'I;16B', '1')
 
 
 @dataclass(frozen=True)
@@ -142,17 +141,34 @@ def resolve_data_root(dataset: str, data_root: Optional[str]) -> str:
                        'Expected layout:\n' + layout.describe(root))
 
 
+def dataset_folders(dataset: str, data_root: Optional[str]) -> Tuple[str, str]:
+    """(image folder, annotation folder) of ``dataset`` under its data root (``resolve_data_root``)."""
+    root = resolve_data_root(dataset, data_root)
+    layout = LAYOUTS[dataset]
+    return osp.join(root, layout.img_dir), osp.join(root, layout.ann_dir)
+
+
+def refuse_output_inside_dataset(path: str, flag: str, dataset: str, data_root: Optional[str]) -> None:
+    """UsageError when the output ``path`` (a file or folder) lies in ``dataset``'s image or annotation folder:
+    predictions written there would replace or sit among the ground truth (the next evaluation would score them)."""
+    target = osp.realpath(path)
+    for what, folder in zip(('image', 'annotation'), dataset_folders(dataset, data_root)):
+        folder = osp.realpath(folder)
+        if osp.commonpath([target, folder]) == folder:
+            raise UsageError(f'{flag} {path} is inside the {what} folder of the {dataset} dataset ({folder}); '
+                             'writing there could replace its files: choose a folder outside the dataset')
+
+
 def build_mmseg_dataset(dataset: str, data_root: Optional[str]):
     """mmseg's dataset object for ``dataset``: its file list (split file, suffixes) and loading - image (BGR,
     OpenCV) and annotations (reduce_zero_label from the dataset); the resize is ours (``eval_image_tensor``).
     Every label file must exist (DatasetError lists the missing ones); a split file naming an image twice is
     de-duplicated with a warning (each image is counted once)."""
     from mmcv.transforms import LoadImageFromFile
-    from mmseg.datasets.transforms import LoadAnnotations
 
     layout = LAYOUTS.get(dataset)
     root = resolve_data_root(dataset, data_root)
-    pipeline = [LoadImageFromFile(), LoadAnnotations()]
+    pipeline = [LoadImageFromFile(), _exact_annotations_class()()]
     cls = _mmseg_dataset_class(layout.mmseg_class)
     kwargs = dict(data_root=root, data_prefix=dict(img_path=layout.img_dir, seg_map_path=layout.ann_dir),
                   img_suffix=layout.img_suffix, seg_map_suffix=layout.seg_map_suffix, pipeline=pipeline,
@@ -169,6 +185,37 @@ def build_mmseg_dataset(dataset: str, data_root: Optional[str]):
     _drop_duplicates(dataset, ds, layout)
     _check_pairs(dataset, ds)
     return ds
+
+
+_EXACT_ANNOTATIONS_CLS = None
+
+
+def _exact_annotations_class():
+    """mmseg's LoadAnnotations reading label maps exactly (``common.images.read_label_map``): mmseg casts them to 8
+    bits, so a 16-bit label 260 would silently count as class 4. reduce_zero_label and label_map as mmseg does."""
+    global _EXACT_ANNOTATIONS_CLS
+    if _EXACT_ANNOTATIONS_CLS is None:
+        from mmseg.datasets.transforms import LoadAnnotations
+
+        class LoadExactAnnotations(LoadAnnotations):
+            def _load_seg_map(self, results: dict) -> None:
+                try:
+                    gt = read_label_map(results['seg_map_path'])
+                except ImageReadError as e:
+                    raise DatasetError(f'cannot read {e}') from None
+                if self.reduce_zero_label is None:
+                    self.reduce_zero_label = results['reduce_zero_label']
+                if self.reduce_zero_label:     # 0 (unlabelled) -> 255 (ignore), every id one lower, 255 stays 255
+                    gt = np.where(gt == 0, 255, np.where(gt == 255, 255, gt - 1))
+                if results.get('label_map') is not None:
+                    old = gt.copy()
+                    for old_id, new_id in results['label_map'].items():
+                        gt[old == old_id] = new_id
+                results['gt_seg_map'] = gt
+                results['seg_fields'].append('gt_seg_map')
+
+        _EXACT_ANNOTATIONS_CLS = LoadExactAnnotations
+    return _EXACT_ANNOTATIONS_CLS
 
 
 def _drop_duplicates(dataset: str, ds, layout: DatasetLayout) -> None:
@@ -243,6 +290,8 @@ class ZeroShotSegDataset(torch.utils.data.Dataset):
         self.check_files(i)
         try:
             results = self.mmseg_dataset[idx]
+        except DatasetError:
+            raise
         except Exception as e:  # a corrupt / truncated / non-image file: name it instead of a deep traceback
             raise DatasetError(f'cannot read {path} or its label file: {type(e).__name__}: {e}') from None
         gt = results['gt_seg_map']

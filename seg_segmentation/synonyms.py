@@ -13,7 +13,7 @@ from typing import List, Sequence, Tuple, Union
 from common.errors import UsageError
 from modules.tokenization_clip import normalize_text
 
-from .classes import name_lines
+from .classes import name_lines, read_name_text
 
 NAMES_DIR = Path(__file__).resolve().parent / 'names'
 
@@ -59,14 +59,10 @@ def parse_name_lines(lines: Sequence[str], source: str = 'class names') -> List[
 
 
 def read_name_file(path: Union[str, Path], source: str = 'class-name file') -> List[List[str]]:
-    """A class-name file (UTF-8) -> per class its names; blank lines and '#' lines are skipped, as in every
-    class-name file (``classes.name_lines``), so class i is the i-th remaining line."""
+    """A class-name file (UTF-8, with or without a byte-order mark) -> per class its names; blank lines and '#'
+    lines are skipped, as in every class-name file (``classes.name_lines``), so class i is the i-th remaining line."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding='utf-8')
-    except (OSError, UnicodeDecodeError) as e:
-        why = 'file not found' if isinstance(e, FileNotFoundError) else str(e)
-        raise ClassNamesError(f'{source} {path}: cannot read ({why})') from None
+    text = read_name_text(path, source, error=ClassNamesError)
     return parse_name_lines(name_lines(text), source=f'{source} {path}')
 
 

@@ -253,3 +253,48 @@ def test_segclip_checkpoint_as_clip(reference, tmp_path):
     for k, v in weights.state_dict.items():
         assert torch.equal(v, clip_sd[k]), k
     assert set(clip_to_segclip_state_dict(weights.state_dict, 10)) <= set(segclip.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------- zip bombs
+def _rezip(src, dst, replace):
+    """Copy the zip ``src`` to ``dst``, the members for which ``replace(name)`` gives a size replaced by that many
+    zero bytes, deflated (a zip bomb: megabytes of zeros pack into kilobytes)."""
+    import zipfile
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            size = replace(info.filename)
+            if size is None:
+                zout.writestr(info, zin.read(info.filename))
+                continue
+            packed = zipfile.ZipInfo(info.filename)
+            packed.compress_type = zipfile.ZIP_DEFLATED
+            with zout.open(packed, "w", force_zip64=True) as f:
+                chunk = bytes(1 << 20)
+                for _ in range(size >> 20):
+                    f.write(chunk)
+
+
+@pytest.mark.parametrize("member", ["data/0", "code/", "data.pkl"])
+def test_torchscript_zip_bomb_is_refused_before_decompressing(member, tmp_path):
+    """Poor case of issue 21. Before: every member was read whole (a storage of 4 tensor values that unpacks to
+    256 MB was read in full: 3-4 GB for a bigger bomb)."""
+    import tracemalloc
+    import zipfile
+    plain = tmp_path / "plain.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(plain))
+    with zipfile.ZipFile(plain) as zf:
+        # code/: the module's declaration (its file name is mangled when Linear was scripted before in this process)
+        target = next(n for n in zf.namelist() if n.split("/", 1)[1] == member
+                      or member == "code/" and n.split("/", 1)[1].startswith(member) and n.endswith(".py"))
+    bomb = tmp_path / "bomb.pt"
+    _rezip(plain, bomb, lambda name: (256 << 20) if name == target else None)
+    assert bomb.stat().st_size < 2 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError, match=f"{target} in the archive unpacks to 268,435,456 bytes from "
+                                                  r"[\d,]+ \(at most [\d,]+ belong there\): a zip bomb"):
+            load_state_dict_file(bomb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 << 20, f"{peak:,} bytes allocated"

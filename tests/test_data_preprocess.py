@@ -210,3 +210,46 @@ def test_cc3m_store_counts_every_sample_it_does_not_write(tmp_path):
     old.close()
     with pytest.raises(stores.StoreError, match="older version"):
         build_cc3m_store(tmp_path / "raw", tmp_path / "old", progress=False)
+
+
+def test_compressed_shard_member_that_unpacks_to_gigabytes_is_not_read(tmp_path, caplog):
+    """Poor case of issue 21. Before: a .tar.gz shard whose 'jpg' member unpacks to 80 MB of zeros (3-4 GB in a
+    real bomb) was read whole into memory. Now the member's size is read from its tar header and the member is
+    skipped with a warning naming it; the sample is counted as one without an image, the others are stored."""
+    import tarfile
+    import tracemalloc
+    from dataloaders.build_stores import build_cc3m_store
+    from dataloaders.shards import iter_tar_samples
+    from tests.helpers import jpeg_bytes, random_image
+    shard = tmp_path / "raw" / "00000.tar"          # gzip inside, as `tar czf` makes it: read with "r:*"
+    shard.parent.mkdir()
+    size = 80 << 20                                 # above the 64 MB a sample member may unpack to
+
+    class Zeros(io.RawIOBase):
+        def __init__(self, n):
+            self.left = n
+
+        def readinto(self, b):
+            n = min(len(b), self.left)
+            b[:n] = bytes(n)
+            self.left -= n
+            return n
+    with tarfile.open(shard, "w:gz", compresslevel=1) as tar:
+        good = jpeg_bytes(random_image(np.random.default_rng(0)))
+        for key, data in (("000000000.jpg", None), ("000000000.txt", b"a bomb"), ("000000001.jpg", good),
+                          ("000000001.txt", b"a photo")):
+            info = tarfile.TarInfo(key)
+            info.size = size if data is None else len(data)
+            tar.addfile(info, Zeros(size) if data is None else io.BytesIO(data))
+    assert shard.stat().st_size < 1 << 20
+    tracemalloc.start()
+    try:
+        samples = list(iter_tar_samples(shard))
+        stats = build_cc3m_store(shard.parent, tmp_path / "store", progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [sorted(s) for s in samples] == [["__key__", "txt"], ["__key__", "jpg", "txt"]]
+    assert (stats["written"], stats["no_image"]) == (1, 1)
+    assert peak < 40 << 20, f"{peak:,} bytes allocated"
+    assert "member 000000000.jpg unpacks to 83886080 bytes, more than the 67108864" in caplog.text

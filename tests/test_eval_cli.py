@@ -74,8 +74,8 @@ def saved_pairs(dataset, root, pred_dir):
     layout = LAYOUTS[dataset]
     pairs = []
     for gt_path in sorted(Path(root, layout.ann_dir).rglob('*' + layout.seg_map_suffix)):
-        name = gt_path.name[:-len(layout.seg_map_suffix)]
-        pred = np.array(Image.open(Path(pred_dir) / (name + '.png'))).astype(np.int64)
+        image_id = str(gt_path.relative_to(Path(root, layout.ann_dir)))[:-len(layout.seg_map_suffix)]   # sub-path kept
+        pred = np.array(Image.open(Path(pred_dir) / (image_id + '.png'))).astype(np.int64)
         pairs.append((pred, read_gt(dataset, gt_path)))
     return pairs
 

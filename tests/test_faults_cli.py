@@ -15,7 +15,8 @@ import main_seg_zeroshot
 from common import download
 from common.download import DownloadError, resolve_segclip_checkpoint
 from common.errors import brief
-from modules.checkpoint import CheckpointError, load_segclip, load_state_dict_file
+from common.fileio import temporary_name
+from modules.checkpoint import CheckpointError, load_clip, load_segclip, load_state_dict_file
 from tests.test_train_loop import tiny_store  # noqa: F401  (fixture)
 
 
@@ -44,7 +45,7 @@ def damaged(tmp_path, tiny_checkpoint):
         "empty": (tmp_path / "empty.bin", b""),
         "html": (tmp_path / "segclip.bin", b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head></html>\n"),
         "truncated": (tmp_path / "cut.bin", data[: len(data) // 2]),
-        "partial": (tmp_path / ".segclip.bin.tmp-4242", data[: len(data) // 3]),
+        "partial": (temporary_name(tmp_path / "segclip.bin"), data[: len(data) // 3]),
         "legacy_truncated": (tmp_path / "old.bin", None),
     }
     for name, (path, content) in files.items():
@@ -99,6 +100,31 @@ def test_pickle_of_python_objects_is_refused_without_unsafe_advice(tmp_path, cap
     _one_line_error(capsys)
 
 
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo this must never run",))
+
+
+@pytest.mark.parametrize("how", ["torch.save", "pickle protocol 0", "pickle protocol 1"])
+def test_pickle_that_would_run_code_says_so(how, tmp_path, capsys):
+    """Poor case of issue 21. Before: torch.save's zip file said 'a damaged archive ... delete it and download it
+    again', an old-protocol pickle 'not a weights-only PyTorch checkpoint'; neither said it is refused because
+    reading it would run code (here: os.system)."""
+    import pickle
+    path = tmp_path / "weights.bin"
+    if how == "torch.save":
+        torch.save({"w": torch.zeros(2), "x": _RunsCode()}, path)
+    else:
+        path.write_bytes(pickle.dumps({"x": _RunsCode()}, protocol=int(how[-1])))
+    with pytest.raises(CheckpointError) as e:
+        load_state_dict_file(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path} holds Python objects (such as {os.system.__module__}.system)"), msg
+    assert "would run code, so the file is refused" in msg and "download it again" not in msg
+    assert _vis(path, tmp_path) == 2
+    assert "would run code" in _one_line_error(capsys)
+
+
 def test_brief_keeps_whole_sentences_and_drops_unsafe_advice():
     e = RuntimeError("Weights only load failed. Re-running `torch.load` with `weights_only` set to `False` will "
                      "likely succeed. " + "x" * 300 + ". Last.")
@@ -136,6 +162,47 @@ def test_non_finite_weights_are_refused_naming_the_tensor(value, reference, tmp_
         load_state_dict_file(path)
     assert _vis(path, tmp_path) == 2
     assert "clip.visual.proj" in _one_line_error(capsys)
+
+
+def _poisoned(sd, key, value=float("nan")):
+    sd = {k: v.clone().contiguous() for k, v in sd.items()}
+    sd[key].view(-1)[0] = value
+    return sd
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("-inf")])
+def test_non_finite_weights_are_refused_in_every_format(value, reference, clip_file, tmp_path, capsys):
+    """Issue 21, bad 6. Before: the same damaged tensor was refused in a .pt file but loaded from a .safetensors
+    file, a Hugging Face folder or a TorchScript archive (every pixel background, exit 0)."""
+    from safetensors.torch import save_file
+    # a SegCLIP checkpoint as .safetensors, through the demo script: one line, exit 2
+    segclip = tmp_path / "segclip.safetensors"
+    save_file(_poisoned(reference["segclip_state_dict"], "clip.visual.proj", value), str(segclip))
+    assert _vis(segclip, tmp_path) == 2
+    assert "segclip.safetensors: tensor clip.visual.proj holds" in _one_line_error(capsys)
+    # CLIP weights as .safetensors, through the evaluation of a training-free method: one line, exit 2
+    clip_sd = torch.load(clip_file, weights_only=True)
+    clip = tmp_path / "clip.safetensors"
+    save_file(_poisoned(clip_sd, "visual.proj", value), str(clip))
+    from tests.helpers import write_fake_dataset
+    voc = write_fake_dataset("voc", tmp_path / "VOC2012", num_images=1, size=(64, 48))
+    assert main_seg_zeroshot.main(["--method", "clip", "--pretrained_clip_name", str(clip), "--dataset", "voc",
+                                   "--data_root", voc, "--num_workers", "0", "--no_progress"]) == 2
+    assert "clip.safetensors: tensor visual.proj holds" in _one_line_error(capsys)
+    # a Hugging Face CLIP folder (its weights file is checked before any key is mapped)
+    hf = tmp_path / "hf-clip"
+    hf.mkdir()
+    (hf / "config.json").write_text('{"model_type": "clip", "text_config": {}, "vision_config": {}}')
+    save_file({"vision_model.post_layernorm.weight": torch.tensor([1.0, value])}, str(hf / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="model.safetensors: tensor vision_model.post_layernorm.weight holds"):
+        load_clip(str(hf))
+    # a TorchScript archive (OpenAI's CLIP format), read without running it
+    net = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        net.bias[1] = value
+    torch.jit.save(torch.jit.script(net), str(tmp_path / "scripted.pt"))
+    with pytest.raises(CheckpointError, match="scripted.pt: tensor bias holds"):
+        load_state_dict_file(tmp_path / "scripted.pt")
 
 
 # ---------------------------------------------------------------------------------------------- downloads
@@ -187,12 +254,13 @@ def test_stale_temporaries_are_removed_by_the_next_download(slow_server, tmp_pat
     url, handler = slow_server
     cache = tmp_path / "cache"
     cache.mkdir()
-    stale = [cache / ".segclip.bin.k3j2h1.part", cache / ".segclip.bin.tmp-999999999"]   # killed runs
-    for p in stale:
-        p.write_bytes(b"half")
-    (cache / "keep.txt").write_text("not ours")
+    from tests.test_infer_faults import killed_runs_temporary
+    killed_runs_temporary(cache / "segclip.bin").write_bytes(b"half")       # a killed download's
+    for name in (".segclip.bin.k3j2h1.part", ".segclip.bin.tmp-999999999", "keep.txt"):   # not ours: kept
+        (cache / name).write_text("not ours")
     download.download_file(url, cache / "segclip.bin", progress=False)
-    assert sorted(os.listdir(cache)) == ["keep.txt", "segclip.bin"]
+    assert sorted(os.listdir(cache)) == [".segclip.bin.k3j2h1.part", ".segclip.bin.tmp-999999999", "keep.txt",
+                                         "segclip.bin"]
 
 
 def test_unwritable_cache_is_one_line(tmp_path, capsys, monkeypatch):

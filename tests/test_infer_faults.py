@@ -147,13 +147,21 @@ def _disk_full(monkeypatch):
     monkeypatch.setattr(os, 'fsync', full)
 
 
+def killed_runs_temporary(path: Path) -> Path:
+    """The temporary a killed writer of ``path`` left: the project's name with a pid no process has."""
+    from common.fileio import temporary_name
+    name = temporary_name(path).name.split('-')
+    name[3] = '999999999'
+    return path.with_name('-'.join(name))
+
+
 def test_demo_outputs_are_atomic_and_stale_temporaries_go(repo_root, tiny_model, tmp_path, monkeypatch):
     from seg_segmentation.visualize import SegmentationDemo, run_visualization
     photo = repo_root / 'demo' / 'examples' / 'coffee.jpg'
     demo = SegmentationDemo(tiny_model, ['cup', 'table'], crop=112, stride=112, resolution=112)
     out = tmp_path / 'o'
     (out / 'labels').mkdir(parents=True)
-    stale = out / 'labels' / '.coffee.png.tmp-999999999'               # a killed run's (no such process)
+    stale = killed_runs_temporary(out / 'labels' / 'coffee.png')
     stale.write_bytes(b'half a png')
     _disk_full(monkeypatch)
     with pytest.raises(OutputError, match='no space left'):
@@ -170,7 +178,7 @@ def test_demo_outputs_are_atomic_and_stale_temporaries_go(repo_root, tiny_model,
 def test_evaluation_json_and_predictions_are_atomic(voc_root, tiny_checkpoint, tmp_path, monkeypatch, capsys):
     out, preds = tmp_path / 'res' / 'r.json', tmp_path / 'pred'
     preds.mkdir()
-    stale = preds / '.2007_000001.png.tmp-999999999'
+    stale = killed_runs_temporary(preds / '2007_000001.png')
     stale.write_bytes(b'')
     _disk_full(monkeypatch)
     rc, _, err = _zeroshot(['--dataset', 'voc', '--data_root', voc_root, '--init_model', tiny_checkpoint,

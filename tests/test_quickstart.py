@@ -184,3 +184,60 @@ def test_quickstart_bad_flags(repo_root, capsys):
         assert qs.main(bad) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1, (bad, err)
+
+
+class _StepStarted(Exception):
+    """Raised by the stand-in for the first pipeline step: the tests below are about what happens before it."""
+
+
+def _stop_at_first_step(qs, monkeypatch):
+    steps = []
+
+    def first_step(name, cmd, log_dir, threads=0):
+        steps.append(name)
+        raise _StepStarted(name)
+    monkeypatch.setattr(qs, "run_step", first_step)
+    return steps
+
+
+@pytest.mark.parametrize("users", ["data", "store", "train"])
+def test_a_users_folder_in_output_dir_is_never_replaced(users, repo_root, tmp_path, capsys, monkeypatch):
+    """Issue 21, bad 3. Before: after a first run had marked --output_dir as its own, a second run deleted the
+    user's own data/ and store/ there. Now a folder without the quickstart's marker inside is refused with one
+    line and exit 2, before any step, and every file stays."""
+    qs = _quickstart_module(repo_root)
+    steps = _stop_at_first_step(qs, monkeypatch)
+    out = tmp_path / "qs"
+    (out / users).mkdir(parents=True)
+    (out / users / "my_thesis.txt").write_text("three years of work")
+    (out / ".segclip_quickstart").write_text("left by an earlier quickstart run in this folder\n")
+    for name in {"data", "store", "train_clip", "train"} - {users}:     # the quickstart's own, from that run
+        (out / name).mkdir()
+        (out / name / ".segclip_quickstart").write_text("made by demo/quickstart.py\n")
+    assert qs.main(["--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {out / users} was not made by demo/quickstart.py (it has no .segclip_quickstart marker "
+                   "inside; quickstart runs before this version left none) and the quickstart would write into "
+                   "it: move it away, or choose another --output_dir\n")
+    assert steps == [] and (out / users / "my_thesis.txt").read_text() == "three years of work"
+    assert sorted(p.name for p in (out / users).iterdir()) == ["my_thesis.txt"]
+
+
+def test_own_folders_are_replaced_and_marked(repo_root, tmp_path, monkeypatch):
+    """A new world replaces the quickstart's own data/ and store/ (stale shards of an earlier world would be trained
+    on next to the new ones); folders it creates carry its marker; files of the user's next to them stay."""
+    qs = _quickstart_module(repo_root)
+    steps = _stop_at_first_step(qs, monkeypatch)
+    out = tmp_path / "qs"
+    for name in ("data", "store"):
+        (out / name).mkdir(parents=True)
+        (out / name / ".segclip_quickstart").write_text("made by demo/quickstart.py\n")
+        (out / name / "stale_00000.tar").write_bytes(b"an earlier world")
+    (out / "train").mkdir()                                                   # empty: nothing to lose
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(_StepStarted):
+        qs.main(["--output_dir", str(out)])
+    assert steps == ["generate"]
+    for name in ("data", "store", "train_clip", "train"):
+        assert sorted(p.name for p in (out / name).iterdir()) == [".segclip_quickstart"], name
+    assert (out / "notes.txt").read_text() == "mine"

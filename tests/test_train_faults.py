@@ -154,8 +154,10 @@ def test_lr_1e30_stops_with_one_clear_line(repo_root, tmp_path, tiny_clip_file, 
 
 # ---------------------------------------------------------------------------------------------- disk
 def test_full_disk_while_saving_says_no_space_left(reference, tmp_path, monkeypatch):
-    (tmp_path / f".{STATE_NAME}.tmp-999999999").write_bytes(b"left by a killed run")
-    (tmp_path / f".pytorch_model.bin.0.tmp-{os.getpid()}x").write_bytes(b"not ours: no pid suffix")
+    from tests.test_infer_faults import killed_runs_temporary
+    killed = killed_runs_temporary(tmp_path / STATE_NAME)
+    killed.write_bytes(b"left by a killed run")
+    (tmp_path / f".pytorch_model.bin.0.tmp-{os.getpid()}x").write_bytes(b"not ours: a user's file")
 
     def full(obj, f, *a, **k):
         f.write(b"partial")
@@ -164,8 +166,9 @@ def test_full_disk_while_saving_says_no_space_left(reference, tmp_path, monkeypa
     with pytest.raises(OutputError, match=f"no space left on the device while writing {tmp_path}/pytorch_model.bin.0"):
         train(make_model(reference["clip_state_dict"]), RandomPairs(4), cfg_for(tmp_path, epochs=1), DistEnv())
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert not any(".tmp-9" in n for n in names)                     # the killed run's temporary: removed
-    assert not any(n.startswith(".pytorch_model.bin.0.tmp-") and n.endswith(str(os.getpid())) for n in names)
+    assert killed.name not in names                                  # the killed run's temporary: removed
+    assert f".pytorch_model.bin.0.tmp-{os.getpid()}x" in names         # a user's file: kept
+    assert not any(n.startswith(".segclip-tmp-") for n in names)       # this run's own temporary: gone
     assert "pytorch_model.bin.0" not in names
 
 
@@ -318,3 +321,121 @@ def test_data_flags_are_checked_before_clip_is_fetched(repo_root, tmp_path):
                        env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert p.stderr.strip().splitlines()[-1] == f"error: --cc_store {tmp_path / 'no_such_store'} does not exist"
+
+
+# ------------------------------------------------------------------------------------ an earlier run's progress
+def _run(repo_root, clip_file, store, out, *extra, timeout=240):
+    return subprocess.run(_train_args(clip_file, store, out, *extra), cwd=repo_root, env=_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_fresh_start_on_a_folder_with_a_training_state_is_refused(repo_root, tmp_path, tiny_clip_file, tiny_store):
+    """Issue 21, bad 2. Before: a second run without --resume auto restarted silently and overwrote
+    training_state.pt and metrics.jsonl (step 4 -> 1). Now: one line, exit 2, both files byte for byte as they
+    were; --overwrite starts afresh on purpose."""
+    out = tmp_path / "run"
+    first = _run(repo_root, tiny_clip_file, tiny_store, out, "--epochs", "1")      # 8 pairs, batch 2: 4 steps
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    state, metrics = (out / STATE_NAME).read_bytes(), (out / METRICS_NAME).read_bytes()
+    assert load_training_state(out / STATE_NAME)["global_step"] == 4
+
+    again = _run(repo_root, tiny_clip_file, tiny_store, out, "--epochs", "1")
+    assert again.returncode == 2, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stderr.strip().splitlines() == [
+        f"error: {out} holds the training state of an earlier run (training_state.pt); use --resume auto to "
+        "continue it, or choose another --output_dir, or pass --overwrite to start afresh (that replaces its "
+        "training_state.pt and metrics.jsonl)"]
+    assert "building" not in again.stdout and "parameters:" not in again.stdout     # refused before the model
+    assert (out / STATE_NAME).read_bytes() == state and (out / METRICS_NAME).read_bytes() == metrics
+
+    both = _run(repo_root, tiny_clip_file, tiny_store, out, "--resume", "auto", "--overwrite")
+    assert both.returncode == 2 and "not both" in both.stderr and len(both.stderr.strip().splitlines()) == 1
+
+    fresh = _run(repo_root, tiny_clip_file, tiny_store, out, "--epochs", "1", "--overwrite", "--stop_after_steps", "2")
+    assert fresh.returncode == 0, fresh.stdout[-3000:] + fresh.stderr[-3000:]
+    assert load_training_state(out / STATE_NAME)["global_step"] == 2
+    assert [r["step"] for r in read_metrics(out / METRICS_NAME, "step")] == [1, 2]
+
+
+# ------------------------------------------------------------------------------------ resuming with other flags
+class _Recorded(RandomPairs):
+    """RandomPairs that records which samples the training read."""
+    fetched = []
+
+    def __getitem__(self, i):
+        type(self).fetched.append(i)
+        return super().__getitem__(i)
+
+
+def test_resume_with_another_batch_size_continues_at_the_same_sample(reference, tmp_path, caplog):
+    """Issue 21, poor. The state counts micro-batches of the run that wrote it. Before: resumed with --batch_size 4
+    after 2 steps of batch 2 (4 samples), the run took 'micro-batch 2' as 8 samples done, found the 8-sample epoch
+    over and silently skipped samples 4-7. Now: it continues after sample 4, and says so in one line."""
+    clip = reference["clip_state_dict"]
+    _Recorded.fetched = []
+    train(make_model(clip), _Recorded(8), cfg_for(tmp_path, batch_size=2, epochs=1, stop_after_steps=2), DistEnv())
+    first = list(_Recorded.fetched)
+    assert len(first) == 4
+    _Recorded.fetched = []
+    state = load_training_state(find_resume_file(tmp_path))
+    r = train(make_model(clip), _Recorded(8), cfg_for(tmp_path, batch_size=4, epochs=1), DistEnv(),
+              resume_state=state)
+    assert r.finished and sorted(first + _Recorded.fetched) == list(range(8))      # every sample once
+    lines = [m for m in caplog.messages if "micro-batches of" in m]
+    assert lines == ["the training state was written with micro-batches of 2 samples (--batch_size / "
+                     "--gradient_accumulation_steps), this run's hold 4: epoch 1 continues after its first 4 "
+                     "samples, at micro-batch 1"], caplog.messages
+
+
+def test_divergence_right_after_a_resume_blames_the_state_not_the_lr(reference, tmp_path):
+    """Issue 21, poor. Before: every step after resuming was non-finite and the error said 'Lower --lr' while
+    --resume auto continues the same state with its saved learning rates: the user looped on it."""
+    class AllNaN(RandomPairs):
+        def __getitem__(self, i):
+            item = super().__getitem__(i)
+            item["image"] = item["image"] * float("nan")
+            return item
+    clip = reference["clip_state_dict"]
+    train(make_model(clip), RandomPairs(12), cfg_for(tmp_path, batch_size=2, epochs=1, stop_after_steps=2), DistEnv())
+    state = load_training_state(find_resume_file(tmp_path))
+    with pytest.raises(DivergenceError) as e:
+        train(make_model(clip), AllNaN(12), cfg_for(tmp_path, batch_size=2, epochs=1, max_nonfinite_steps=2),
+              DistEnv(), resume_state=state)
+    msg = str(e.value)
+    assert msg.startswith("every one of the 2 optimizer steps since resuming from the training state of optimizer "
+                          "step 2 had a non-finite loss or gradient, so training stopped"), msg
+    assert "a resumed run keeps the learning rates saved in its state" in msg and "--overwrite" in msg
+    assert "Lower --lr" not in msg
+
+
+def test_resume_on_other_data_warns_and_a_non_finite_state_says_what_it_is(repo_root, tmp_path, tiny_clip_file,
+                                                                           tiny_store):
+    """Issue 21, poor. Before: --resume auto with another --datatype resumed mid-epoch on other data without a word;
+    a training state holding NaN was resumed, every step was skipped and the error blamed the learning rate, and
+    --resume auto met the same state again."""
+    from tests.helpers import make_tiny_coco
+    coco = make_tiny_coco(tmp_path / "coco", n_images=4)["store"]
+    out = tmp_path / "run"
+    first = _run(repo_root, tiny_clip_file, tiny_store, out, "--epochs", "2", "--stop_after_steps", "1")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    other = _run(repo_root, tiny_clip_file, tiny_store, out, "--epochs", "2", "--resume", "auto", "--datatype", "coco",
+                 "--coco_store", coco, "--stop_after_steps", "4")     # 8 coco pairs, batch 2: the end of epoch 1
+    assert other.returncode == 0, other.stdout[-3000:] + other.stderr[-3000:]
+    warned = [ln for ln in other.stdout.splitlines() if "written for other data" in ln]
+    assert len(warned) == 1 and warned[0].endswith(
+        "WARNING the training state was written for other data (--datatype cc, now coco): its position in epoch 1 "
+        "(micro-batch 1) is applied to this data, so the resumed epoch does not continue the interrupted one"), warned
+
+    from common.fileio import atomic_torch_save
+    state = load_training_state(out / STATE_NAME)
+    state["model"]["clip.visual.proj"][0, 0] = float("nan")
+    atomic_torch_save(state, out / STATE_NAME)
+    bad = _run(repo_root, tiny_clip_file, tiny_store, out, "--epochs", "2", "--resume", "auto", "--datatype", "coco",
+               "--coco_store", coco)
+    assert bad.returncode == 2, bad.stdout[-3000:] + bad.stderr[-3000:]
+    assert bad.stderr.strip().splitlines() == [
+        f"error: {out / STATE_NAME} holds non-finite values (model tensor clip.visual.proj: 1 NaN, 0 inf): it was "
+        "saved from a diverged run or is damaged, and continuing it would only give non-finite steps; start afresh "
+        f"with --overwrite, e.g. from the last epoch's weights with --init_model {out / 'pytorch_model.bin.0'}, or "
+        "resume from an earlier copy of the state with --resume_model FILE"]
+    assert "parameters:" not in bad.stdout                      # refused before the model is built

@@ -206,7 +206,8 @@ def test_kill_during_checkpoint_write_keeps_latest_intact(repo_root, tmp_path):
     try:
         line = proc.stdout.readline()
         assert "WRITING" in line
-        assert any(p.name.startswith(f".{STATE_NAME}.tmp-") for p in tmp_path.iterdir())   # mid-write for real
+        assert any(p.name.startswith(".segclip-tmp-") and p.name.endswith(f".{STATE_NAME}")
+                   for p in tmp_path.iterdir())                                          # mid-write for real
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
