@@ -314,7 +314,7 @@ def test_eval_init_model_none_seed_is_wired(reference, tmp_path, monkeypatch):
     for seed in (1, 1, 2):
         args = main_seg_zeroshot.parse_args(["--init_model", "none", "--pretrained_clip_name", str(clip),
                                              "--seed", str(seed)])
-        models.append(main_seg_zeroshot.load_model(args, torch.device("cpu")))
+        models.append(main_seg_zeroshot.load_model(args, "segclip", torch.device("cpu"), {}))
     key = "clip.visual.transformer.semantic_layer2.semantic_center"
     a, b, c = (m.state_dict()[key] for m in models)
     assert torch.equal(a, b) and not torch.equal(a, c)
