@@ -162,6 +162,43 @@ def test_names_equal_after_the_tokenizers_lower_casing_are_duplicates(names):
         parse_class_list(names)
 
 
+def test_class_names_too_long_for_clips_prompt_are_refused(tmp_path, capsys):
+    """CLIP reads 77 tokens per prompt and the tokenizer cut longer prompts silently: a name that does not fit in
+    the longest template is refused wherever class names are read (--classes, synonym lines), in one line, before
+    any model is loaded; a huge name is refused before it is tokenized (that alone took minutes)."""
+    import time
+    import main_seg_vis
+    import main_seg_zeroshot
+    from modules.tokenization_clip import get_tokenizer
+    from seg_segmentation.classes import SURELY_FITS_BYTES, name_token_limit, parse_class_list
+    from seg_segmentation.synonyms import parse_name_lines
+    from seg_segmentation.templates import TEMPLATES
+    limit = name_token_limit()
+    assert limit == 66 and SURELY_FITS_BYTES <= limit
+    longest = "cat " + "big " * limit                         # limit + 1 tokens
+    fits = "cat " + "big " * (limit - 1)                      # exactly the limit
+    tok = get_tokenizer()
+    assert len(tok.encode(longest)) == limit + 1 and len(tok.encode(fits)) == limit
+    # a name of the limit fits in every prompt of every template set, start and end tokens included
+    assert max(len(tok.encode(t.format(fits))) + 2 for ts in TEMPLATES.values() for t in ts) == 77
+    assert parse_class_list(f"dog, {fits}") == ["dog", fits.strip()]
+    with pytest.raises(UsageError, match=f"class 1 has a name of {limit + 1} CLIP tokens"):
+        parse_class_list(f"dog, {longest}")
+    with pytest.raises(UsageError, match=r"line 2 \(class 1\) has a name of 67 CLIP tokens"):
+        parse_name_lines(["dog, puppy", f"cat, {longest}"])
+    started = time.monotonic()
+    with pytest.raises(UsageError, match="a name of 5,000,000 characters; a class name may have at most 1,000"):
+        parse_class_list("dog, " + "x" * 5_000_000)
+    assert time.monotonic() - started < 2
+    (tmp_path / "x.png").write_bytes(b"")
+    root = empty_voc_layout(tmp_path / "VOC2012")
+    for main, argv in ((main_seg_vis.main, ["--input", str(tmp_path / "x.png"), "--output_dir", str(tmp_path)]),
+                       (main_seg_zeroshot.main, ["--dataset", "voc", "--data_root", str(root)])):
+        assert main(argv + ["--classes", f"dog, {longest}"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --classes: class 1 has a name of 67 CLIP tokens") and err.count("\n") == 1
+
+
 def test_wrapper_prints_one_line_exit_2_and_only_on_rank_zero(capsys, monkeypatch):
     @cli.run_main
     def main(argv=None):
