@@ -14,6 +14,7 @@ from the internet: analytics are off and the page uses local fonts.
 """
 import html
 import json
+import logging
 import os
 import shutil
 import signal
@@ -37,6 +38,10 @@ OVERLAY_MODE, GROUPS_MODE = "input_pred_label", "all_groups"
 DEFAULT_BG_THRESH = 0.8          # the CLI's default for your own classes (BG_THRESH['voc'])
 PREVIEW_SIDE = 1024              # the uploaded photo is previewed at most this large (inference uses the original)
 KEEP_RESULTS = 8                 # result folders kept on disk (gradio copies what it serves into its own cache)
+# Limits of a page shared by many users (each request holds the model alone: requests are answered one at a time).
+MAX_PAGE_NAMES = 256             # class names incl. synonyms (every benchmark's synonym file fits: at most 219)
+MAX_PAGE_TEXT = 100_000          # characters in the names box, refused before it is even split into names
+logger = logging.getLogger(__name__)
 
 
 class DemoSetupError(SegCLIPError, RuntimeError):
@@ -96,20 +101,30 @@ class WebSegmenter:
     def vocabulary(self, classes: str, background: bool) -> Tuple[List[str], Optional[List[List[str]]]]:
         """The page's class names -> (names, synonyms or None), read as main_seg_vis.py reads them: one line is
         --classes ("cat, wall, floor": a class per comma); several lines are a --classes_file (a class per line,
-        its synonyms separated by commas: "cat, kitten")."""
+        its synonyms separated by commas: "cat, kitten"; lines starting with '#' are comments). At most
+        MAX_PAGE_NAMES names in all, each short enough for CLIP's prompt (seg_segmentation.classes)."""
         from seg_segmentation.classes import name_lines, parse_class_list, refuse_listed_background
         from seg_segmentation.synonyms import parse_name_lines
         text = classes or ""
+        if len(text) > MAX_PAGE_TEXT:
+            raise PageInputError(f"the class names are {len(text):,} characters long; this page takes at most "
+                                 f"{MAX_PAGE_TEXT:,}")
         synonyms = None
         try:
             lines = name_lines(text)
+            if not lines and text.strip():
+                raise PageInputError("no class names: every line starts with '#' (a comment)")
             if len(lines) > 1:
                 synonyms = parse_name_lines(lines, source="class names")
                 names = [c[0] for c in synonyms]
             else:
                 names = parse_class_list(lines[0] if lines else text, source="class names")
-            if background:
-                refuse_listed_background(names, "or untick 'background'")
+            every_name = [n for c in synonyms for n in c] if synonyms is not None else names
+            if len(every_name) > MAX_PAGE_NAMES:
+                raise PageInputError(f"{len(every_name):,} class names (synonyms included); this page takes at "
+                                     f"most {MAX_PAGE_NAMES}")
+            if background:   # a synonym 'background' would be a second background class too
+                refuse_listed_background(every_name, "or untick 'background'")
         except SegCLIPError as e:
             raise PageInputError(str(e)) from None
         return names, synonyms
@@ -229,6 +244,24 @@ def model_line(seg: WebSegmenter) -> str:
             f"{cfg.vision_layers} visual layers); results show what this checkpoint learned.")
 
 
+def error_md(message: str) -> str:
+    """A message for the status line; page messages are sentences, so they end with a full stop."""
+    message = message.rstrip()
+    if not message.endswith((".", "!", "?")):
+        message += "."
+    return f'<span class="error-status">⚠ {html.escape(message)}</span>'
+
+
+def internal_error(doing: str, e: BaseException) -> str:
+    """What the page says when a request fails for a reason that is not the user's (a bug, memory): the kind of
+    error, and where the details are. The traceback goes to the server's log, not to the page."""
+    logger.error("the page failed to %s", doing, exc_info=e)
+    if isinstance(e, MemoryError):
+        return f"Could not {doing}: the server ran out of memory; try a smaller photo or fewer class names"
+    return (f"Could not {doing}: an internal error ({type(e).__name__}) that is not caused by your input; "
+            "the server's log has the details")
+
+
 CSS = """
 #status { min-height: 1.5em; }
 .error-status { color: #b91c1c; font-weight: 600; }
@@ -249,7 +282,8 @@ def build_page(seg: WebSegmenter, examples_dir: Path = EXAMPLES_DIR):
     import gradio as gr
     import numpy as np
 
-    from common.images import ImageReadError, read_image_bgr
+    from common.images import read_image_bgr
+    from seg_segmentation.classes import name_token_limit
     from seg_segmentation.templates import TEMPLATES
 
     def preview(photo):
@@ -258,25 +292,29 @@ def build_page(seg: WebSegmenter, examples_dir: Path = EXAMPLES_DIR):
             return None, ""
         try:
             bgr = read_image_bgr(Path(photo), seg.max_image_pixels)
-        except ImageReadError as e:
+            h, w = bgr.shape[:2]
+            step = max(1, int(np.ceil(max(h, w) / PREVIEW_SIDE)))
+            return np.ascontiguousarray(bgr[::step, ::step, ::-1]), f"{Path(photo).name}: {w}×{h} pixels"
+        except SegCLIPError as e:
             return None, error_md(str(e).replace(str(photo), Path(photo).name))
-        h, w = bgr.shape[:2]
-        step = max(1, int(np.ceil(max(h, w) / PREVIEW_SIDE)))
-        return np.ascontiguousarray(bgr[::step, ::step, ::-1]), f"{Path(photo).name}: {w}×{h} pixels"
+        except Exception as e:   # a bug: the page says so, the server's log has the traceback
+            return None, error_md(internal_error("read the photo", e))
 
     def run(photo, classes, background, bg_thresh, templates):
         try:
-            r = seg.segment(photo, classes, background, bg_thresh, templates)
-        except PageInputError as e:
+            return show(photo, seg.segment(photo, classes, background, bg_thresh, templates))
+        except SegCLIPError as e:       # the page's own checks and every user error raised deeper (UsageError ...)
             return None, None, "", None, error_md(f"Could not segment: {e}")
+        except Exception as e:          # a bug: never gradio's bare "Error"
+            return None, None, "", None, error_md(internal_error("segment", e))
+
+    def show(photo, r):
+        """A result -> the page's outputs: overlay, center map, shares table, downloads, status line."""
         s = r["summary"]
         status = (f"Segmented **{html.escape(Path(photo).name)}** ({s['width']}×{s['height']}) with "
                   f"{len(s['vocabulary'])} labels in {r['seconds']:.2f} s on {seg.device}.")
         groups = str(r["groups"]) if r["groups"] is not None else None
         return (str(r["overlay"]), groups, shares_html(s), [str(r["label_png"]), str(r["json"])], status)
-
-    def error_md(message: str) -> str:
-        return f'<span class="error-status">⚠ {html.escape(message)}</span>'
 
     examples = []
     for jpg in sorted(examples_dir.glob("*.jpg")):
@@ -296,7 +334,9 @@ def build_page(seg: WebSegmenter, examples_dir: Path = EXAMPLES_DIR):
                 classes = gr.Textbox(label="Class names, comma separated", placeholder="cat, wall, floor",
                                      lines=1, max_lines=10, elem_id="classes",
                                      info="or one class per line with its synonyms after commas, as in a "
-                                          "--classes_file (\"cat, kitten\"); Shift+Enter starts a new line")
+                                          "--classes_file (\"cat, kitten\"); Shift+Enter starts a new line. At "
+                                          f"most {MAX_PAGE_NAMES} names, each at most {name_token_limit()} CLIP "
+                                          "tokens long")
                 with gr.Row():
                     background = gr.Checkbox(value=True, label="background", elem_id="background",
                                              info="label pixels no class is sure of as background")

@@ -126,6 +126,7 @@ def test_awkward_inputs_and_a_large_photo(repo_root, tiny_checkpoint, tmp_path):
     (["--classes", "cat, dog, cat"], "duplicate class name 'cat'"),
     (["--classes", "  "], "empty name"),
     (["--classes", "background, cat"], "added automatically"),
+    (["--classes_file", "{tmp}/synonyms.txt"], "added automatically"),     # a synonym 'background' too
     (["--classes_file", "{tmp}/none.txt"], "cannot read"),
     (["--init_model", "{tmp}/missing.bin"], "checkpoint not found"),
     (["--init_model", "{tmp}/junk.bin"], "not a weights-only"),
@@ -137,6 +138,7 @@ def test_bad_input_gives_clear_error(argv, message, tmp_path, tiny_checkpoint, c
     (tmp_path / "junk.bin").write_bytes(b"\x00garbage")
     torch.save({"visual.proj": torch.zeros(2, 2)}, tmp_path / "clip_like.bin")
     (tmp_path / "text.jpg").write_text("hello")
+    (tmp_path / "synonyms.txt").write_text("cat, kitten\nwall, background\n")
     argv = [a.format(tmp=tmp_path) for a in argv]
     base = ["--input", str(tmp_path / "text.jpg"), "--init_model", str(tiny_checkpoint),
             "--output_dir", str(tmp_path / "o"), "--no_progress"]

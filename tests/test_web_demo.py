@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from common.errors import UsageError
 from demo import app
 
 PIXEL_LIMIT = 200_000
@@ -212,7 +213,10 @@ def test_browser_upload_segment_download_and_bad_input(server, browser, repo_roo
     started = time.monotonic()
     browser.get(server)
     _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#photo input[type=file]"), what="the upload box")
-    assert "not the released SegCLIP checkpoint" in browser.find_element(By.TAG_NAME, "body").text
+    body = browser.find_element(By.TAG_NAME, "body").text
+    assert "not the released SegCLIP checkpoint" in body
+    # the page says its limits on class names (count and CLIP tokens)
+    assert f"At most {app.MAX_PAGE_NAMES} names, each at most 66 CLIP tokens long" in body
 
     # 1. a photo and three names -> the CLI's label PNG and JSON, offered for download
     _upload(browser, chelsea)
@@ -297,13 +301,57 @@ def segmenter(tiny_model, tiny_checkpoint, tmp_path):
     ("chelsea", "cat, dog, cat", True, "duplicate class name 'cat'"),
     ("chelsea", "background, cat", True, "added automatically"),
     ("notes", "cat", True, "notes.jpg: not a readable image"),
+    # a synonym 'background' is a second background class as much as a class of that name
+    ("chelsea", "cat, kitten\nwall, background", True, "added automatically"),
+    # comment lines only: no class names (they were taken as names '# ...')
+    ("chelsea", "# my classes\n# none yet", True, "every line starts with '#'"),
+    # longer than CLIP's prompt (it would be cut silently), a huge name, a huge box, too many names
+    ("chelsea", "cat, " + "big " * 70 + "dog", True, "CLIP tokens"),
+    ("chelsea", "cat, " + "x" * 5000, True, "5,000 characters"),
+    ("chelsea", "cat, " + "x" * 5 * 1024 * 1024, True, "this page takes at most 100,000"),
+    ("chelsea", ", ".join(f"c{i}" for i in range(10_000)), True, "10,000 class names"),
+    ("chelsea", "\n".join(f"thing{i}, other{i}" for i in range(200)), True, "400 class names"),
 ])
 def test_bad_page_input_is_a_message(segmenter, repo_root, tmp_path, photo, classes, background, message):
     paths = {"chelsea": str(repo_root / "demo" / "examples" / "chelsea.jpg"), "notes": str(tmp_path / "notes.jpg"),
              None: None}
     (tmp_path / "notes.jpg").write_text("hello")
+    started = time.monotonic()
     with pytest.raises(app.PageInputError, match=message.replace("(", r"\(")):
         segmenter.segment(paths[photo], classes, background)
+    assert time.monotonic() - started < 5, "refused only after the work it should have saved"
+
+
+def _page_event(page, name):
+    """The function the page runs for its event ``name`` (gradio's api_name: the handler's name)."""
+    return next(fn.fn for fn in page.fns.values() if fn.api_name == name)
+
+
+def test_unexpected_errors_are_a_page_message(segmenter, repo_root, monkeypatch, caplog):
+    """Errors from deeper than the page's own checks: a user error says what is wrong, anything else says it is
+    not the user's fault; never gradio's bare 'Error' (an exception escaping the handler)."""
+    page = app.build_page(segmenter)
+    run, preview = _page_event(page, "run"), _page_event(page, "preview")
+    chelsea = str(repo_root / "demo" / "examples" / "chelsea.jpg")
+
+    def deep_usage_error(*a, **k):
+        raise UsageError("class names: duplicate class name 'x' (classes 0 and 3)")
+    monkeypatch.setattr(segmenter, "demo_for", deep_usage_error)
+    *outputs, status = run(chelsea, "cat", True, 0.8, "simple")
+    assert outputs == [None, None, "", None]
+    assert "Could not segment: class names: duplicate class name &#x27;x&#x27; (classes 0 and 3)." in status
+
+    def bug(*a, **k):
+        raise RuntimeError("shape mismatch deep inside")
+    monkeypatch.setattr(segmenter, "demo_for", bug)
+    *outputs, status = run(chelsea, "cat", True, 0.8, "simple")
+    assert "Could not segment: an internal error (RuntimeError)" in status and "server&#x27;s log" in status
+    assert "shape mismatch" not in status and "shape mismatch deep inside" in caplog.text   # the log has it
+
+    monkeypatch.setattr(app, "PREVIEW_SIDE", None)      # the preview breaks (a bug): a message, not 'Error'
+    shown, status = preview(chelsea)
+    assert shown is None and "Could not read the photo: an internal error (TypeError)" in status
+    page.close()
 
 
 def test_photo_above_the_pixel_limit(tiny_model, tiny_checkpoint, repo_root, tmp_path):
