@@ -41,6 +41,14 @@ KEEP_RESULTS = 8                 # result folders kept on disk (gradio copies wh
 # Limits of a page shared by many users (each request holds the model alone: requests are answered one at a time).
 MAX_PAGE_NAMES = 256             # class names incl. synonyms (every benchmark's synonym file fits: at most 219)
 MAX_PAGE_TEXT = 100_000          # characters in the names box, refused before it is even split into names
+# Decoding a photo and drawing its results costs about 33 bytes per pixel (measured: +545 MB for 4096 x 4096), so
+# the page's default pixel limit is far below Pillow's 89 million (about 3 GB per request; a 79 KB PNG can claim
+# it): 4096 x 4096 takes any 12-megapixel phone photo. --max_image_pixels changes it.
+PAGE_MAX_IMAGE_PIXELS = 4096 * 4096
+DEFAULT_MAX_UPLOAD_MB = 50
+# Gradio keeps every upload and every file it serves in its cache; sweep it every CACHE_SWEEP_S seconds, removing
+# files older than CACHE_AGE_S (results stay downloadable for an hour).
+CACHE_SWEEP_S, CACHE_AGE_S = 600, 3600
 logger = logging.getLogger(__name__)
 
 
@@ -57,6 +65,8 @@ def build_parser():
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind: 127.0.0.1 serves this machine only, 0.0.0.0 your network")
     p.add_argument("--port", type=int, default=7860, help="port to serve on")
+    p.add_argument("--max_upload_mb", type=int, default=DEFAULT_MAX_UPLOAD_MB,
+                   help="largest photo file the page accepts, in MB")
     cli.add_segmenter_args(
         p, methods=METHODS, init_model_help="SegCLIP checkpoint (state dict), e.g. the quickstart's train/pytorch_model.bin.1. "
                            "Default: <cache>/segclip.bin, the released checkpoint, downloaded when missing",
@@ -64,7 +74,11 @@ def build_parser():
     cli.add_runtime_args(p, distributed=False)
     # the page always segments with your own class names: the SCLIP head preset is then voc's, as in
     # main_seg_vis.py with --classes (its --dataset default)
-    p.set_defaults(dataset="voc")
+    p.set_defaults(dataset="voc", max_image_pixels=PAGE_MAX_IMAGE_PIXELS)
+    for action in p._actions:
+        if action.dest == "max_image_pixels":   # a shared server's limit, not Pillow's (see PAGE_MAX_IMAGE_PIXELS)
+            action.help = ("refuse photos with more pixels, read from the file header before anything is decoded; "
+                           "each pixel costs about 33 bytes of memory while a request runs; 0 = no limit")
     return p
 
 
@@ -72,6 +86,7 @@ def get_args(argv=None):
     args = cli.parse(build_parser(), argv)
     if not 1 <= args.port <= 65535:
         raise UsageError(f"--port must be in [1, 65535], got {args.port}")
+    cli.check_positive(args, "max_upload_mb")
     cli.check_segmenter_args(args, METHODS)
     return args
 
@@ -278,7 +293,32 @@ table.shares td.pct, table.shares td.px { text-align: right; font-variant-numeri
 """
 
 
-def build_page(seg: WebSegmenter, examples_dir: Path = EXAMPLES_DIR):
+def refuse_remote_files(component) -> None:
+    """The page fetches nothing. Gradio downloads a file input that a client of its API gives as an http(s) URL
+    instead of an upload (into its cache, from any public host); the photo box refuses such a URL before any
+    connection is made. Uploads and local example files go through unchanged."""
+    import gradio as gr
+    from gradio_client.utils import is_http_url_like
+
+    def refuse(path):
+        if path is not None and is_http_url_like(str(path)):
+            raise gr.Error("This page does not fetch photos from the internet; upload the file instead.")
+
+    to_cache, to_cache_async = component.move_resource_to_block_cache, component.async_move_resource_to_block_cache
+
+    def move_resource_to_block_cache(url_or_file_path):
+        refuse(url_or_file_path)
+        return to_cache(url_or_file_path)
+
+    async def async_move_resource_to_block_cache(url_or_file_path):
+        refuse(url_or_file_path)
+        return await to_cache_async(url_or_file_path)
+
+    component.move_resource_to_block_cache = move_resource_to_block_cache
+    component.async_move_resource_to_block_cache = async_move_resource_to_block_cache
+
+
+def build_page(seg: WebSegmenter, examples_dir: Path = EXAMPLES_DIR, max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB):
     import gradio as gr
     import numpy as np
 
@@ -323,12 +363,16 @@ def build_page(seg: WebSegmenter, examples_dir: Path = EXAMPLES_DIR):
         examples.append([str(jpg), ", ".join(names)])
 
     title = "SegCLIP" if seg.method == "segclip" else f"{seg.method.upper()} (training-free CLIP)"
-    with gr.Blocks(title="SegCLIP web demo", analytics_enabled=False) as page:
+    pixels = (f"at most {seg.max_image_pixels / 1e6:.1f} megapixels, " if seg.max_image_pixels else "")
+    with gr.Blocks(title="SegCLIP web demo", analytics_enabled=False,
+                   delete_cache=(CACHE_SWEEP_S, CACHE_AGE_S)) as page:
         gr.Markdown(f"## {title}: segment a photo with your own words\n" + model_line(seg))
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=320):
-                photo = gr.File(label="Photo (drop an image file here or click to upload)", file_types=["image"],
+                photo = gr.File(label=f"Photo (drop an image file here or click to upload; {pixels}"
+                                      f"{max_upload_mb} MB)", file_types=["image"],
                                 type="filepath", elem_id="photo", height=110)
+                refuse_remote_files(photo)
                 shown = gr.Image(label="Your photo", interactive=False, elem_id="preview", height=260,
                                  buttons=[])
                 classes = gr.Textbox(label="Class names, comma separated", placeholder="cat, wall, floor",
@@ -402,11 +446,18 @@ def main(argv=None) -> int:
     # a terminated server (SIGTERM, as from a service manager) removes its result folder like Ctrl-C does
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     try:
-        build_page(seg).launch(server_name=args.host, server_port=args.port, theme=offline_theme(), css=CSS,
-                               ssr_mode=False, show_error=False, quiet=True, footer_links=["gradio", "settings"])
+        launch_page(build_page(seg, max_upload_mb=args.max_upload_mb), args.host, args.port, args.max_upload_mb)
     finally:
         seg.close()
     return 0
+
+
+def launch_page(page, host: str, port: int, max_upload_mb: int, block: bool = True) -> None:
+    """Serve ``page`` (``block`` False: in a background thread, for tests; ``page.close()`` stops it). Uploads
+    above ``max_upload_mb`` are refused by the server (HTTP 413) before they reach the disk."""
+    page.launch(server_name=host, server_port=port, theme=offline_theme(), css=CSS, ssr_mode=False,
+                show_error=False, quiet=True, footer_links=["gradio", "settings"],
+                max_file_size=max_upload_mb * 1_000_000, prevent_thread_lock=not block)
 
 
 if __name__ == "__main__":
