@@ -199,6 +199,24 @@ def test_class_names_too_long_for_clips_prompt_are_refused(tmp_path, capsys):
         assert err.startswith("error: --classes: class 1 has a name of 67 CLIP tokens") and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("flag, value", [("--logit_scale", "nan"), ("--logit_scale", "inf"), ("--logit_scale", "0"),
+                                         ("--prob_thd", "nan"), ("--prob_thd", "-0.1"), ("--prob_thd", "1.5")])
+@pytest.mark.parametrize("script", ["main_seg_zeroshot", "main_seg_vis", "demo.app"])
+def test_head_flags_that_would_make_every_pixel_background(script, flag, value, tmp_path, capsys):
+    """--logit_scale NaN / inf / 0 and --prob_thd outside [0, 1] (or NaN) label every pixel background (or
+    crash): one line and exit 2 in every tool that takes them, before any model is loaded."""
+    from PIL import Image
+    Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
+    argv = {"main_seg_zeroshot": ["--dataset", "voc", "--data_root", str(empty_voc_layout(tmp_path / "VOC2012"))],
+            "main_seg_vis": ["--input", str(tmp_path / "x.png"), "--classes", "cat", "--output_dir", str(tmp_path)],
+            "demo.app": ["--port", "1"]}[script]
+    main = importlib.import_module(script).main
+    assert main(argv + ["--method", "sclip", flag, value, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    want = "a positive number" if flag == "--logit_scale" else "in [0, 1]"
+    assert err.startswith(f"error: {flag} must be {want}, got {float(value)}") and err.count("\n") == 1, err
+
+
 def test_wrapper_prints_one_line_exit_2_and_only_on_rank_zero(capsys, monkeypatch):
     @cli.run_main
     def main(argv=None):
