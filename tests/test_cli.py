@@ -217,6 +217,26 @@ def test_head_flags_that_would_make_every_pixel_background(script, flag, value, 
     assert err.startswith(f"error: {flag} must be {want}, got {float(value)}") and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--lr", "nan", "--lr must be a finite number >= 0, got nan"),
+    ("--lr", "inf", "--lr must be a finite number >= 0, got inf"),
+    ("--lr=-1e-4", None, "--lr must be a finite number >= 0, got -0.0001"),
+    ("--lower_lr", "nan", "--lower_lr must be a finite number >= 0, got nan"),
+    ("--weight_decay", "inf", "--weight_decay must be a finite number >= 0, got inf"),
+    ("--opt_b2", "1", "--opt_b2 must be a number in [0, 1), got 1.0"),
+    ("--warmup_proportion", "nan", "--warmup_proportion must be a number in [0, 1], got nan"),
+    ("--clip_grad", "nan", "--clip_grad must be a finite number, got nan"),
+    ("--mae_vis_mask_ratio", "1", "--mae_vis_mask_ratio must be a number in [0, 1), got 1.0"),
+])
+def test_training_numbers_are_checked_before_anything_runs(flag, value, message, tmp_path, capsys):
+    import main_task_align
+    flags = [flag] if value is None else [flag, value]
+    assert main_task_align.main(["--do_pretrain", "--output_dir", str(tmp_path / "out"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {message}\n"
+    assert not (tmp_path / "out").exists()
+
+
 def test_wrapper_prints_one_line_exit_2_and_only_on_rank_zero(capsys, monkeypatch):
     @cli.run_main
     def main(argv=None):
