@@ -79,6 +79,28 @@ def test_bad_method_flags(args, msg, voc_tree, capsys):
     assert len(err.strip().splitlines()) == 1
 
 
+def test_pamr_distance_beyond_the_image_is_the_image_size():
+    """A PAMR distance past the image's edge only sees replicated edge pixels: huge --pamr_dilations give the
+    result of max(H, W) (they asked for hundreds of GB, or overflowed)."""
+    from seg_segmentation.pamr import pamr
+    g = torch.Generator().manual_seed(0)
+    image, mask = torch.randn(1, 3, 20, 30, generator=g), torch.randn(1, 4, 20, 30, generator=g)
+    edge = pamr(image, mask, steps=3, dilations=[2, 30])
+    for far in (31, 100_000, 10 ** 12):
+        assert torch.equal(pamr(image, mask, steps=3, dilations=[2, far]), edge)
+    assert not torch.equal(pamr(image, mask, steps=3, dilations=[2, 15]), edge)
+
+
+def test_demo_sclip_far_pamr(clip_file, tmp_path, capsys):
+    from main_seg_vis import main
+    photo = tmp_path / 'photo.png'
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8)).save(photo)
+    assert main(['--method', 'sclip', '--pretrained_clip_name', str(clip_file), '--input', str(photo), '--classes',
+                 'cat, wall', '--output_dir', str(tmp_path / 'out'), '--device', 'cpu', '--no_progress',
+                 '--resolution', '224', '--pamr_steps', '1', '--pamr_dilations', '1000000000000']) == 0
+    assert np.array(Image.open(tmp_path / 'out' / 'labels' / 'photo.png')).shape == (120, 160)
+
+
 @pytest.mark.slow
 def test_sclip_torchrun_two_processes_equal_one(voc_tree, clip_file, tmp_path, repo_root):
     common = ['--method', 'sclip', '--dataset', 'voc', '--data_root', voc_tree, '--pretrained_clip_name', clip_file,
