@@ -120,6 +120,26 @@ def test_awkward_inputs_and_a_large_photo(repo_root, tiny_checkpoint, tmp_path):
     assert peak_kb is not None and peak_kb < 1_500_000, f"peak memory {peak_kb / 1e6:.2f} GB"
 
 
+def test_input_name_too_long_for_its_outputs_is_skipped_and_counted(repo_root, tiny_checkpoint, tmp_path, capsys):
+    """A legal 240-character file name makes an output name (input_pred_label_<name>.jpg, and the temporary it is
+    written through) longer than the file system allows: that photo is skipped and named, the others are written
+    (it was an OSError traceback that stopped the folder)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    long_name = "p" * 236 + ".jpg"                                        # 240 characters: a legal name
+    chelsea = (repo_root / "demo" / "examples" / "chelsea.jpg").read_bytes()
+    (folder / long_name).write_bytes(chelsea)
+    (folder / "short.jpg").write_bytes(chelsea)
+    rc = main_seg_vis.main(["--input", str(folder), "--init_model", str(tiny_checkpoint), "--classes", "cat, wall",
+                            "--output_dir", str(tmp_path / "out"), "--no_progress", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and "wrote 1 image(s), skipped 1" in out, err
+    assert f"{folder / long_name}: its output file name input_pred_label_ppp" in err
+    assert "bytes, more than the" in err and "rename the file" in err and "Traceback" not in err
+    assert (tmp_path / "out" / "labels" / "short.png").is_file()
+    assert sorted(p.name for p in (tmp_path / "out" / "labels").iterdir()) == ["short.json", "short.png"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--input", "{tmp}/nope.jpg"], "input not found"),
     (["--classes", "cat, , dog"], "empty name"),
