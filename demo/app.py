@@ -216,12 +216,10 @@ def load_segmenter(args) -> WebSegmenter:
     released_path = default_cache_dir(args.cache_dir) / SEGCLIP_FILENAME
     try:
         model, head, ckpt = load_demo_model(args, device)
-    except DownloadError as e:
+    except DownloadError as e:     # the message says what to fetch and what runs without it
         if args.method != "segclip" or args.init_model is not None:
             raise
-        raise DemoSetupError(f"the released SegCLIP checkpoint {released_path} is missing and could not be fetched: "
-                             f"{e}\nOr start the demo with any SegCLIP checkpoint: python demo/app.py --init_model "
-                             f"PATH (e.g. the quickstart's output/quickstart/train/pytorch_model.bin.1)") from None
+        raise DemoSetupError(f"the released SegCLIP checkpoint is needed without --init_model: {e}") from None
     released = args.method == "segclip" and Path(ckpt).resolve() == released_path.resolve()
     return WebSegmenter(model, ckpt, released, device, crop=args.crop_size, stride=args.stride,
                         resolution=args.resolution, max_image_pixels=args.max_image_pixels, method=args.method,

@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -197,6 +198,33 @@ def test_default_checkpoint_from_cache(repo_root, tiny_checkpoint, tmp_path, mon
     summary = json.loads((tmp_path / "o" / "labels" / "coffee.json").read_text())
     assert summary["vocabulary"] == ["cup", "saucer", "spoon", "table"] and summary["background"] is False
     assert (tmp_path / "o" / "vis_imgs" / "pred" / "pred_coffee.png").is_file()
+
+
+@pytest.mark.parametrize("method, flag", [("segclip", "--init_model"), ("sclip", "--pretrained_clip_name")])
+def test_offline_errors_point_to_what_works_offline(method, flag, repo_root, tmp_path, monkeypatch, capsys):
+    """Offline, a missing released checkpoint (SegCLIP) or CLIP (the training-free methods) names the file to
+    fetch and what runs without it: the quickstart's checkpoint, or the CLIP inside it - in the demo, the web page
+    and the evaluation alike."""
+    import main_seg_zeroshot
+    from demo import app
+    from tests.helpers import write_fake_dataset
+    monkeypatch.setenv("SEGCLIP_OFFLINE", "1")
+    monkeypatch.setenv("SEGCLIP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    voc = write_fake_dataset("voc", tmp_path / "VOC2012", num_images=1, sizes=[(64, 64)], seed=0)
+    hint = f"{flag} output/quickstart/train/pytorch_model.bin.1"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for main, argv in ((main_seg_vis.main, ["--input", str(repo_root / "demo" / "examples" / "chelsea.jpg"),
+                                            "--classes", "cat", "--output_dir", str(tmp_path / "o")]),
+                       (main_seg_zeroshot.main, ["--dataset", "voc", "--data_root", str(voc), "--num_workers", "0"]),
+                       (app.main, ["--port", str(port)])):
+        assert main(argv + ["--method", method, "--device", "cpu", "--no_progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+        assert "downloads are disabled" in err and "curl -L" in err and hint in err, err
+        assert "python demo/quickstart.py" in err
 
 
 def _split_of(photos, root: Path) -> Path:
