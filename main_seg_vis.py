@@ -69,8 +69,8 @@ def vocabulary(args):
         else:   # one class per line, its names separated by ", "
             synonyms = read_name_file(args.classes_file, source="--classes_file")
             names = [c[0] for c in synonyms]
-        if not args.no_bg:
-            refuse_listed_background(names, "or add --no_bg")
+        if not args.no_bg:   # a synonym 'background' would be a second background class too
+            refuse_listed_background([n for c in synonyms for n in c] if synonyms else names, "or add --no_bg")
         with_bg = not args.no_bg
         default_thresh = BG_THRESH["voc"]
     else:

@@ -132,6 +132,13 @@ def get_args(argv=None):
         raise UsageError("--plain_clip trains without centers, so the superpixel loss has nothing to act on: "
                          "drop --use_seglabel")
     cli.check_positive(args, "batch_size", "epochs", "gradient_accumulation_steps", "max_words", "eval_max_images")
+    # the optimiser's numbers, before a model is built: NaN or inf would train nothing (or fail deep in AdamW)
+    for name in ("lr", "lower_lr", "lower_text_lr", "coef_lr", "weight_decay", "eps", "lr_start", "lr_end"):
+        cli.check_number(args, name, low=0.0)
+    for name in ("opt_b1", "opt_b2", "mae_vis_mask_ratio"):
+        cli.check_number(args, name, 0.0, 1.0, high_open=True)
+    cli.check_number(args, "warmup_proportion", 0.0, 1.0)
+    cli.check_number(args, "clip_grad")
     return args
 
 

@@ -18,6 +18,7 @@ import errno
 import functools
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -570,8 +571,25 @@ def _coerce_scalar(action: argparse.Action, value, bad: Callable[[str], Exceptio
 def check_positive(args, *names: str) -> None:
     for name in names:
         value = getattr(args, name)
-        if value is not None and value <= 0:
+        if value is not None and not value > 0:          # written so that NaN fails too
             raise UsageError(f"--{name} must be positive, got {value}")
+
+
+def check_number(args, name: str, low: float = -math.inf, high: float = math.inf, high_open: bool = False) -> None:
+    """--name (when given) is a finite number in [low, high] ([low, high) with ``high_open``). NaN and infinities
+    are refused: they pass no check written as 'refuse below low' and would reach the optimiser or the model."""
+    value = getattr(args, name)
+    if value is None:
+        return
+    inside = math.isfinite(value) and low <= value and (value < high if high_open else value <= high)
+    if not inside:
+        if math.isinf(low) and math.isinf(high):
+            want = "a finite number"
+        elif math.isinf(high):
+            want = f"a finite number >= {low:g}"
+        else:
+            want = f"a number in [{low:g}, {high:g}{')' if high_open else ']'}"
+        raise UsageError(f"--{name} must be {want}, got {value}")
 
 
 def check_window(args) -> None:

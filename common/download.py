@@ -71,6 +71,11 @@ PathLike = Union[str, os.PathLike]
 ExpectedKeys = Union[set, Callable[[], set]]
 
 
+# What runs offline when a download cannot happen: the quickstart's checkpoint (a SegCLIP, and the CLIP inside it).
+QUICKSTART_CHECKPOINT = "output/quickstart/train/pytorch_model.bin.1"
+QUICKSTART_MAKES_IT = "python demo/quickstart.py trains it offline, in minutes on a CPU"
+
+
 class DownloadError(SegCLIPError, RuntimeError):
     """A download failed or was refused; the message says what to fetch by hand and where to put it."""
 
@@ -264,7 +269,11 @@ def resolve_segclip_checkpoint(path: Optional[PathLike] = None, cache_dir: Optio
     if dest.is_file():
         return dest
     print(f"SegCLIP checkpoint not found at {dest}", flush=True)
-    return download_file(url, dest, verify=lambda p: _verify_segclip_file(p, expected_keys), progress=progress)
+    try:
+        return download_file(url, dest, verify=lambda p: _verify_segclip_file(p, expected_keys), progress=progress)
+    except DownloadError as e:       # what works without the download (every caller segments with SegCLIP)
+        raise DownloadError(f"{e}; or use a SegCLIP checkpoint you have: --init_model PATH, e.g. "
+                            f"--init_model {QUICKSTART_CHECKPOINT} ({QUICKSTART_MAKES_IT})") from None
 
 
 def resolve_clip_weights(name_or_path: PathLike, cache_dir: Optional[PathLike] = None,

@@ -141,7 +141,7 @@ def build_coco_store(karpathy_json, image_root, output_dir, splits: Sequence[str
     with open(_require(karpathy_json)) as f:
         try:
             items = [it for it in json.load(f)["images"] if it["split"] in splits]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError, RecursionError) as e:   # Recursion: nested too deep
             raise stores.StoreError(f"{karpathy_json} is not a Karpathy caption file: {e!r}")
     writer = stores.StoreWriter(output_dir, "coco", {"splits": list(splits)})
     mem = _PeakPrivate()

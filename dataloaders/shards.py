@@ -127,7 +127,7 @@ def shard_sample_counts(shards: List[Path]) -> List[int]:
             try:
                 counts.append(int(json.loads(stats.read_text())["successes"]))
                 continue
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):
                 logger.warning("%s is not an img2dataset stats file; counting the samples of %s", stats, shard)
         counts.append(count_tar_samples(shard))
     return counts
@@ -139,7 +139,7 @@ def sample_caption(sample: dict) -> Optional[str]:
     if "json" in sample:
         try:
             cap = json.loads(sample["json"]).get("caption")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):   # RecursionError: nested deeper than Python's stack
             cap = None
     if not (isinstance(cap, str) and cap.strip()) and "txt" in sample:
         cap = sample["txt"].decode("utf-8", errors="replace")

@@ -293,7 +293,7 @@ def read_karpathy_captions(json_path, splits=("train",)) -> Dict[str, List[str]]
         for item in images:
             if item["split"] in splits:
                 out[item["filename"]] = [s["raw"] for s in item["sentences"]]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, KeyError, TypeError, RecursionError) as e:   # Recursion: nested too deep
         raise StoreError(f"{json_path} is not a Karpathy caption file (need images[].filename/split/sentences[].raw):"
                          f" {e!r}")
     return out

@@ -14,6 +14,7 @@ from the internet: analytics are off and the page uses local fonts.
 """
 import html
 import json
+import logging
 import os
 import shutil
 import signal
@@ -37,6 +38,18 @@ OVERLAY_MODE, GROUPS_MODE = "input_pred_label", "all_groups"
 DEFAULT_BG_THRESH = 0.8          # the CLI's default for your own classes (BG_THRESH['voc'])
 PREVIEW_SIDE = 1024              # the uploaded photo is previewed at most this large (inference uses the original)
 KEEP_RESULTS = 8                 # result folders kept on disk (gradio copies what it serves into its own cache)
+# Limits of a page shared by many users (each request holds the model alone: requests are answered one at a time).
+MAX_PAGE_NAMES = 256             # class names incl. synonyms (every benchmark's synonym file fits: at most 219)
+MAX_PAGE_TEXT = 100_000          # characters in the names box, refused before it is even split into names
+# Decoding a photo and drawing its results costs about 33 bytes per pixel (measured: +545 MB for 4096 x 4096), so
+# the page's default pixel limit is far below Pillow's 89 million (about 3 GB per request; a 79 KB PNG can claim
+# it): 4096 x 4096 takes any 12-megapixel phone photo. --max_image_pixels changes it.
+PAGE_MAX_IMAGE_PIXELS = 4096 * 4096
+DEFAULT_MAX_UPLOAD_MB = 50
+# Gradio keeps every upload and every file it serves in its cache; sweep it every CACHE_SWEEP_S seconds, removing
+# files older than CACHE_AGE_S (results stay downloadable for an hour).
+CACHE_SWEEP_S, CACHE_AGE_S = 600, 3600
+logger = logging.getLogger(__name__)
 
 
 class DemoSetupError(SegCLIPError, RuntimeError):
@@ -52,6 +65,8 @@ def build_parser():
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind: 127.0.0.1 serves this machine only, 0.0.0.0 your network")
     p.add_argument("--port", type=int, default=7860, help="port to serve on")
+    p.add_argument("--max_upload_mb", type=int, default=DEFAULT_MAX_UPLOAD_MB,
+                   help="largest photo file the page accepts, in MB")
     cli.add_segmenter_args(
         p, methods=METHODS, init_model_help="SegCLIP checkpoint (state dict), e.g. the quickstart's train/pytorch_model.bin.1. "
                            "Default: <cache>/segclip.bin, the released checkpoint, downloaded when missing",
@@ -59,7 +74,11 @@ def build_parser():
     cli.add_runtime_args(p, distributed=False)
     # the page always segments with your own class names: the SCLIP head preset is then voc's, as in
     # main_seg_vis.py with --classes (its --dataset default)
-    p.set_defaults(dataset="voc")
+    p.set_defaults(dataset="voc", max_image_pixels=PAGE_MAX_IMAGE_PIXELS)
+    for action in p._actions:
+        if action.dest == "max_image_pixels":   # a shared server's limit, not Pillow's (see PAGE_MAX_IMAGE_PIXELS)
+            action.help = ("refuse photos with more pixels, read from the file header before anything is decoded; "
+                           "each pixel costs about 33 bytes of memory while a request runs; 0 = no limit")
     return p
 
 
@@ -67,6 +86,7 @@ def get_args(argv=None):
     args = cli.parse(build_parser(), argv)
     if not 1 <= args.port <= 65535:
         raise UsageError(f"--port must be in [1, 65535], got {args.port}")
+    cli.check_positive(args, "max_upload_mb")
     cli.check_segmenter_args(args, METHODS)
     return args
 
@@ -96,20 +116,30 @@ class WebSegmenter:
     def vocabulary(self, classes: str, background: bool) -> Tuple[List[str], Optional[List[List[str]]]]:
         """The page's class names -> (names, synonyms or None), read as main_seg_vis.py reads them: one line is
         --classes ("cat, wall, floor": a class per comma); several lines are a --classes_file (a class per line,
-        its synonyms separated by commas: "cat, kitten")."""
+        its synonyms separated by commas: "cat, kitten"; lines starting with '#' are comments). At most
+        MAX_PAGE_NAMES names in all, each short enough for CLIP's prompt (seg_segmentation.classes)."""
         from seg_segmentation.classes import name_lines, parse_class_list, refuse_listed_background
         from seg_segmentation.synonyms import parse_name_lines
         text = classes or ""
+        if len(text) > MAX_PAGE_TEXT:
+            raise PageInputError(f"the class names are {len(text):,} characters long; this page takes at most "
+                                 f"{MAX_PAGE_TEXT:,}")
         synonyms = None
         try:
             lines = name_lines(text)
+            if not lines and text.strip():
+                raise PageInputError("no class names: every line starts with '#' (a comment)")
             if len(lines) > 1:
                 synonyms = parse_name_lines(lines, source="class names")
                 names = [c[0] for c in synonyms]
             else:
                 names = parse_class_list(lines[0] if lines else text, source="class names")
-            if background:
-                refuse_listed_background(names, "or untick 'background'")
+            every_name = [n for c in synonyms for n in c] if synonyms is not None else names
+            if len(every_name) > MAX_PAGE_NAMES:
+                raise PageInputError(f"{len(every_name):,} class names (synonyms included); this page takes at "
+                                     f"most {MAX_PAGE_NAMES}")
+            if background:   # a synonym 'background' would be a second background class too
+                refuse_listed_background(every_name, "or untick 'background'")
         except SegCLIPError as e:
             raise PageInputError(str(e)) from None
         return names, synonyms
@@ -193,12 +223,10 @@ def load_segmenter(args) -> WebSegmenter:
     released_path = default_cache_dir(args.cache_dir) / SEGCLIP_FILENAME
     try:
         model, head, ckpt = load_demo_model(args, device)
-    except DownloadError as e:
+    except DownloadError as e:     # the message says what to fetch and what runs without it
         if args.method != "segclip" or args.init_model is not None:
             raise
-        raise DemoSetupError(f"the released SegCLIP checkpoint {released_path} is missing and could not be fetched: "
-                             f"{e}\nOr start the demo with any SegCLIP checkpoint: python demo/app.py --init_model "
-                             f"PATH (e.g. the quickstart's output/quickstart/train/pytorch_model.bin.1)") from None
+        raise DemoSetupError(f"the released SegCLIP checkpoint is needed without --init_model: {e}") from None
     released = args.method == "segclip" and Path(ckpt).resolve() == released_path.resolve()
     return WebSegmenter(model, ckpt, released, device, crop=args.crop_size, stride=args.stride,
                         resolution=args.resolution, max_image_pixels=args.max_image_pixels, method=args.method,
@@ -236,6 +264,24 @@ def model_line(seg: WebSegmenter) -> str:
             f"{cfg.vision_layers} visual layers); results show what this checkpoint learned.")
 
 
+def error_md(message: str) -> str:
+    """A message for the status line; page messages are sentences, so they end with a full stop."""
+    message = message.rstrip()
+    if not message.endswith((".", "!", "?")):
+        message += "."
+    return f'<span class="error-status">⚠ {html.escape(message)}</span>'
+
+
+def internal_error(doing: str, e: BaseException) -> str:
+    """What the page says when a request fails for a reason that is not the user's (a bug, memory): the kind of
+    error, and where the details are. The traceback goes to the server's log, not to the page."""
+    logger.error("the page failed to %s", doing, exc_info=e)
+    if isinstance(e, MemoryError):
+        return f"Could not {doing}: the server ran out of memory; try a smaller photo or fewer class names"
+    return (f"Could not {doing}: an internal error ({type(e).__name__}) that is not caused by your input; "
+            "the server's log has the details")
+
+
 CSS = """
 #status { min-height: 1.5em; }
 .error-status { color: #b91c1c; font-weight: 600; }
@@ -252,11 +298,37 @@ table.shares td.pct, table.shares td.px { text-align: right; font-variant-numeri
 """
 
 
-def build_page(seg: WebSegmenter, examples_dir: Path = EXAMPLES_DIR):
+def refuse_remote_files(component) -> None:
+    """The page fetches nothing. Gradio downloads a file input that a client of its API gives as an http(s) URL
+    instead of an upload (into its cache, from any public host); the photo box refuses such a URL before any
+    connection is made. Uploads and local example files go through unchanged."""
+    import gradio as gr
+    from gradio_client.utils import is_http_url_like
+
+    def refuse(path):
+        if path is not None and is_http_url_like(str(path)):
+            raise gr.Error("This page does not fetch photos from the internet; upload the file instead.")
+
+    to_cache, to_cache_async = component.move_resource_to_block_cache, component.async_move_resource_to_block_cache
+
+    def move_resource_to_block_cache(url_or_file_path):
+        refuse(url_or_file_path)
+        return to_cache(url_or_file_path)
+
+    async def async_move_resource_to_block_cache(url_or_file_path):
+        refuse(url_or_file_path)
+        return await to_cache_async(url_or_file_path)
+
+    component.move_resource_to_block_cache = move_resource_to_block_cache
+    component.async_move_resource_to_block_cache = async_move_resource_to_block_cache
+
+
+def build_page(seg: WebSegmenter, examples_dir: Path = EXAMPLES_DIR, max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB):
     import gradio as gr
     import numpy as np
 
-    from common.images import ImageReadError, read_image_bgr
+    from common.images import read_image_bgr
+    from seg_segmentation.classes import name_token_limit
     from seg_segmentation.templates import TEMPLATES
 
     def preview(photo):
@@ -265,25 +337,29 @@ def build_page(seg: WebSegmenter, examples_dir: Path = EXAMPLES_DIR):
             return None, ""
         try:
             bgr = read_image_bgr(Path(photo), seg.max_image_pixels)
-        except ImageReadError as e:
+            h, w = bgr.shape[:2]
+            step = max(1, int(np.ceil(max(h, w) / PREVIEW_SIDE)))
+            return np.ascontiguousarray(bgr[::step, ::step, ::-1]), f"{Path(photo).name}: {w}×{h} pixels"
+        except SegCLIPError as e:
             return None, error_md(str(e).replace(str(photo), Path(photo).name))
-        h, w = bgr.shape[:2]
-        step = max(1, int(np.ceil(max(h, w) / PREVIEW_SIDE)))
-        return np.ascontiguousarray(bgr[::step, ::step, ::-1]), f"{Path(photo).name}: {w}×{h} pixels"
+        except Exception as e:   # a bug: the page says so, the server's log has the traceback
+            return None, error_md(internal_error("read the photo", e))
 
     def run(photo, classes, background, bg_thresh, templates):
         try:
-            r = seg.segment(photo, classes, background, bg_thresh, templates)
-        except PageInputError as e:
+            return show(photo, seg.segment(photo, classes, background, bg_thresh, templates))
+        except SegCLIPError as e:       # the page's own checks and every user error raised deeper (UsageError ...)
             return None, None, "", None, error_md(f"Could not segment: {e}")
+        except Exception as e:          # a bug: never gradio's bare "Error"
+            return None, None, "", None, error_md(internal_error("segment", e))
+
+    def show(photo, r):
+        """A result -> the page's outputs: overlay, center map, shares table, downloads, status line."""
         s = r["summary"]
         status = (f"Segmented **{html.escape(Path(photo).name)}** ({s['width']}×{s['height']}) with "
                   f"{len(s['vocabulary'])} labels in {r['seconds']:.2f} s on {seg.device}.")
         groups = str(r["groups"]) if r["groups"] is not None else None
         return (str(r["overlay"]), groups, shares_html(s), [str(r["label_png"]), str(r["json"])], status)
-
-    def error_md(message: str) -> str:
-        return f'<span class="error-status">⚠ {html.escape(message)}</span>'
 
     examples = []
     for jpg in sorted(examples_dir.glob("*.jpg")):
@@ -291,18 +367,24 @@ def build_page(seg: WebSegmenter, examples_dir: Path = EXAMPLES_DIR):
         examples.append([str(jpg), example_class_names(txt) if txt.is_file() else ""])
 
     title = "SegCLIP" if seg.method == "segclip" else f"{seg.method.upper()} (training-free CLIP)"
-    with gr.Blocks(title="SegCLIP web demo", analytics_enabled=False) as page:
+    pixels = (f"at most {seg.max_image_pixels / 1e6:.1f} megapixels, " if seg.max_image_pixels else "")
+    with gr.Blocks(title="SegCLIP web demo", analytics_enabled=False,
+                   delete_cache=(CACHE_SWEEP_S, CACHE_AGE_S)) as page:
         gr.Markdown(f"## {title}: segment a photo with your own words\n" + model_line(seg))
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=320):
-                photo = gr.File(label="Photo (drop an image file here or click to upload)", file_types=["image"],
+                photo = gr.File(label=f"Photo (drop an image file here or click to upload; {pixels}"
+                                      f"{max_upload_mb} MB)", file_types=["image"],
                                 type="filepath", elem_id="photo", height=110)
+                refuse_remote_files(photo)
                 shown = gr.Image(label="Your photo", interactive=False, elem_id="preview", height=260,
                                  buttons=[])
                 classes = gr.Textbox(label="Class names, comma separated", placeholder="cat, wall, floor",
                                      lines=1, max_lines=10, elem_id="classes",
                                      info="or one class per line with its synonyms after commas, as in a "
-                                          "--classes_file (\"cat, kitten\"); Shift+Enter starts a new line")
+                                          "--classes_file (\"cat, kitten\"); Shift+Enter starts a new line. At "
+                                          f"most {MAX_PAGE_NAMES} names, each at most {name_token_limit()} CLIP "
+                                          "tokens long")
                 with gr.Row():
                     background = gr.Checkbox(value=True, label="background", elem_id="background",
                                              info="label pixels no class is sure of as background")
@@ -368,11 +450,18 @@ def main(argv=None) -> int:
     # a terminated server (SIGTERM, as from a service manager) removes its result folder like Ctrl-C does
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     try:
-        build_page(seg).launch(server_name=args.host, server_port=args.port, theme=offline_theme(), css=CSS,
-                               ssr_mode=False, show_error=False, quiet=True, footer_links=["gradio", "settings"])
+        launch_page(build_page(seg, max_upload_mb=args.max_upload_mb), args.host, args.port, args.max_upload_mb)
     finally:
         seg.close()
     return 0
+
+
+def launch_page(page, host: str, port: int, max_upload_mb: int, block: bool = True) -> None:
+    """Serve ``page`` (``block`` False: in a background thread, for tests; ``page.close()`` stops it). Uploads
+    above ``max_upload_mb`` are refused by the server (HTTP 413) before they reach the disk."""
+    page.launch(server_name=host, server_port=port, theme=offline_theme(), css=CSS, ssr_mode=False,
+                show_error=False, quiet=True, footer_links=["gradio", "settings"],
+                max_file_size=max_upload_mb * 1_000_000, prevent_thread_lock=not block)
 
 
 if __name__ == "__main__":

@@ -326,7 +326,8 @@ def main(argv=None) -> int:
     miou_curve = [{"epoch": e, "mIoU": results[f"epoch{e}"]["mIoU"],
                    "shapes_mIoU": shapes_miou(results[f"epoch{e}"]["per_class"])} for e, _ in stage]
     chance = chance_levels(data / "val", class_names, args.seed)
-    trained = load_segclip(str(checkpoint), use_vision_mae_recon=False)
+    # as trained: with the MAE decoder when the MAE loss was on (the evaluation loads it without)
+    trained = load_segclip(str(checkpoint), use_vision_mae_recon=use_mae)
 
     if args.num_vis > 0:
         images = sorted((data / "val" / "JPEGImages").glob("*.jpg"))[:args.num_vis]
@@ -341,7 +342,9 @@ def main(argv=None) -> int:
                     "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "lower_lr": args.lower_lr,
                     "train_pairs": args.num_train, "val_images": args.num_val, "train_size": args.train_size,
                     "seed": args.seed, "checkpoint": str(checkpoint), "config": {
-                        k: v for k, v in vars(trained.config).items() if isinstance(v, (int, float, bool))}},
+                        **{k: v for k, v in vars(trained.config).items() if isinstance(v, (int, float, bool))},
+                        # the losses of the training run (a checkpoint file does not record them)
+                        "use_vision_mae_recon": use_mae, "use_seglabel": use_seglabel}},
         "mIoU": {"trained": res_trained["mIoU"], "clip_stage": res_start["mIoU"], "untrained": res_untrained["mIoU"],
                  **chance},
         "shapes_mIoU": {"trained": shapes_miou(res_trained["per_class"]), "clip_stage": shapes_miou(

@@ -313,13 +313,40 @@ def hf_to_openai(sd: Mapping[str, torch.Tensor], source: str = 'state dict') -> 
     return out
 
 
+# The config.json fields read here and the JSON types they must have (a config written by hand, or damaged, must
+# give one line naming the field, not a TypeError deep in the checks).
+_HF_FIELD_TYPES = {'model_type': (str,), 'hidden_size': (int,), 'num_attention_heads': (int,),
+                   'layer_norm_eps': (int, float), 'hidden_act': (str,)}
+_JSON_TYPE_NAMES = {(str,): 'a string', (int,): 'an integer above 0', (int, float): 'a number'}
+
+
+def _check_hf_fields(c, source: str, where: str = '') -> None:
+    """The fields of ``_HF_FIELD_TYPES`` present in config mapping ``c`` have their JSON type (null = absent);
+    counts and widths are positive."""
+    for key, kinds in _HF_FIELD_TYPES.items():
+        value = c.get(key)
+        if value is None:
+            continue
+        counted = kinds == (int,)           # sizes and head counts
+        if isinstance(value, bool) or not isinstance(value, kinds) or (counted and value <= 0):
+            raise CheckpointError(f'{source}: {where}{key} must be {_JSON_TYPE_NAMES[kinds]}, got '
+                                  f'{json.dumps(value)[:60]}')
+
+
 def hf_config_facts(config: Mapping, source: str) -> str:
-    """A transformers CLIP ``config.json`` -> the activation; refuses what OpenAI's layout cannot express."""
+    """A transformers CLIP ``config.json`` -> the activation; refuses what OpenAI's layout cannot express, and
+    fields of the wrong type."""
+    if not isinstance(config, dict):
+        raise CheckpointError(f'{source}: expected a JSON object of settings, got {json.dumps(config)[:60]}')
+    _check_hf_fields({'model_type': config.get('model_type')}, source)
     if config.get('model_type') not in (None, 'clip'):
         raise CheckpointError(f'{source}: model_type {config.get("model_type")!r} is not a CLIP model')
     acts = set()
     for tower in ('text_config', 'vision_config'):
         c = config.get(tower) or {}
+        if not isinstance(c, dict):
+            raise CheckpointError(f'{source}: {tower} must be an object, got {json.dumps(c)[:60]}')
+        _check_hf_fields(c, source, f'{tower}.')
         width, heads = c.get('hidden_size'), c.get('num_attention_heads')
         if width and heads and heads_for_width(width) != heads:
             raise CheckpointError(f'{source}: {tower} has {heads} heads of width {width // heads}; this CLIP '
@@ -339,7 +366,7 @@ def read_hf_folder(folder: Path, load_file) -> ClipWeights:
     config_path = folder / 'config.json'
     try:
         config = json.loads(config_path.read_text(encoding='utf-8'))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:     # RecursionError: nested deeper than Python's stack
         raise CheckpointError(f'{config_path}: not a readable JSON config ({e})') from e
     activation = hf_config_facts(config, str(config_path))
     for name in ('model.safetensors', 'pytorch_model.bin'):

@@ -5,6 +5,7 @@ mmseg's ``reduce_zero_label`` where the dataset uses it). A list that starts wit
 background channel comes from the threshold ``BG_THRESH[name]`` and is never encoded as text. Class names given
 by users (``--classes``, ``--classes_file``) are read and checked here, the same way in every script.
 """
+from functools import lru_cache
 from pathlib import Path
 from typing import List
 
@@ -120,9 +121,47 @@ def refuse_listed_background(names, keep_hint: str) -> None:
                          f"classes ({keep_hint} to keep it as an ordinary class)")
 
 
+# CLIP reads 77 tokens per prompt, its start and end tokens included; tokenize() cuts longer prompts silently, so a
+# long name would lose its end (or, in a long template, the template's end) without a word. Names are checked
+# against the room the longest prompt template leaves, whichever template set a tool uses.
+CLIP_CONTEXT = 77
+# Longer names are refused before they are tokenized: byte-pair encoding one huge word takes minutes.
+MAX_NAME_CHARS = 1000
+SURELY_FITS_BYTES = 60     # below name_token_limit(): a name this short in UTF-8 cannot have more tokens
+
+
+@lru_cache()
+def name_token_limit() -> int:
+    """The most CLIP tokens a class name may have: 77 minus the start and end tokens and the longest template's
+    own tokens (66 with the 80 ImageNet prompts)."""
+    from modules.tokenization_clip import get_tokenizer
+    from .templates import TEMPLATES
+    tok = get_tokenizer()
+    own = max(len(tok.encode(t.format(''))) for templates in TEMPLATES.values() for t in templates)
+    return CLIP_CONTEXT - 2 - own
+
+
+def check_name_length(name: str, source: str, what: str) -> None:
+    """UsageError when ``name`` (``what``: 'class 3', for the message) would not fit in CLIP's prompt."""
+    if len(name) > MAX_NAME_CHARS:
+        raise UsageError(f'{source}: {what} has a name of {len(name):,} characters; a class name may have at most '
+                         f'{MAX_NAME_CHARS:,} characters and {name_token_limit()} CLIP tokens')
+    # a token covers at least one byte of the normalised text: short names need no tokenizer (and no vocabulary
+    # loaded at import time, when the benchmarks' own names are checked)
+    if len(normalize_text(name).encode('utf-8')) <= SURELY_FITS_BYTES:
+        return
+    from modules.tokenization_clip import get_tokenizer
+    tokens = len(get_tokenizer().encode(name))
+    if tokens > name_token_limit():
+        raise UsageError(f'{source}: {what} has a name of {tokens} CLIP tokens ({name[:40]!r}...); CLIP reads '
+                         f'{CLIP_CONTEXT} tokens per prompt, which leaves {name_token_limit()} for a class name: '
+                         'shorten it')
+
+
 def validate_class_names(names, source: str = 'class names') -> List[str]:
-    """Names stripped of surrounding blanks; UsageError naming the problem for no names, an empty name, or two
-    names the text encoder cannot tell apart (CLIP's tokenizer folds whitespace and lower-cases: 'cat, Cat')."""
+    """Names stripped of surrounding blanks; UsageError naming the problem for no names, an empty name, a name too
+    long for CLIP's prompt (``check_name_length``), or two names the text encoder cannot tell apart (CLIP's
+    tokenizer folds whitespace and lower-cases: 'cat, Cat')."""
     names = [str(n).strip() for n in names]
     if not names:
         raise UsageError(f'{source}: no class names')
@@ -130,6 +169,7 @@ def validate_class_names(names, source: str = 'class names') -> List[str]:
     for i, n in enumerate(names):
         if not n:
             raise UsageError(f'{source}: class {i} has an empty name')
+        check_name_length(n, source, f'class {i}')
         key = normalize_text(n)
         if key in seen:
             j = seen[key]

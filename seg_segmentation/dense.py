@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from common.cli import SEGCLIP_WINDOW
-from .inference import IntPair, build_text_embedding, refine_with_pamr, slide_windows
+from common.errors import UsageError
+from .inference import IntPair, _pair, build_text_embedding, refine_with_pamr, slide_windows
 from .methods import PROTOCOL_KEYS, Queries, TrainingFreeMethod
 from .synonyms import flatten, parse_name_lines, read_name_file
 
@@ -32,7 +33,6 @@ def method_defaults(method: str, dataset: str) -> dict:
     try:
         return get_method(method).settings(dataset)
     except ValueError as e:
-        from common.errors import UsageError
         raise UsageError(str(e)) from None
 
 
@@ -118,16 +118,25 @@ class TrainingFreeSegmentor:
                      stride: Optional[IntPair] = None, batch_size: Optional[int] = None) -> List[torch.Tensor]:
         """images [B,3,H,W] or a list of [3,H_i,W_i] -> list of window-averaged logits [Q, H_i, W_i]; crop /
         stride / batch_size default to the segmentor's. Windows of equal size are batched across images, each
-        image's in row-major order."""
+        image's in row-major order. As SegCLIP's (``ZeroShotSegmentor.slide_logits``), a side shorter than one
+        patch (a small --resolution, a photo thinner than 1/14 of its length) is padded with zeros - the mean
+        colour - to one patch, and the padding cut off again."""
+        patch = self.method.patch_size
         images = [img.to(self.device) for img in images]
         crop = self.crop if crop is None else crop
         stride = self.stride if stride is None else stride
+        if 0 < min(_pair(crop)) < patch:
+            raise UsageError(f'crop size {crop} is smaller than one {patch}x{patch} patch of this CLIP; give a '
+                             f'--crop_size of at least {patch} (or 0: the whole image)')
         batch_size = self.batch_size if batch_size is None else int(batch_size)
         Q = self.queries.features.shape[0]
-        sums, counts, states, jobs = [], [], [], {}
+        sums, counts, states, jobs, sizes = [], [], [], {}, []
         for i, img in enumerate(images):
             if img.dim() != 3 or img.shape[0] != 3:
                 raise ValueError(f'expected an image [3, H, W], got {tuple(img.shape)}')
+            sizes.append(tuple(img.shape[-2:]))
+            if img.shape[-2] < patch or img.shape[-1] < patch:
+                images[i] = img = F.pad(img, (0, max(patch - img.shape[-1], 0), 0, max(patch - img.shape[-2], 0)))
             H, W = img.shape[-2:]
             sums.append(torch.zeros(Q, H, W, device=self.device))
             counts.append(torch.zeros(1, H, W, device=self.device))
@@ -142,7 +151,7 @@ class TrainingFreeSegmentor:
                 for (i, y1, y2, x1, x2), lg in zip(part, logits):
                     sums[i][:, y1:y2, x1:x2] += lg
                     counts[i][:, y1:y2, x1:x2] += 1
-        return [s / c for s, c in zip(sums, counts)]
+        return [(s / c)[:, :h, :w] for s, c, (h, w) in zip(sums, counts, sizes)]
 
     # ------------------------------------------------------------------ whole image
     @torch.no_grad()

@@ -6,8 +6,9 @@
 """
 import io
 import json
+import os
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
@@ -48,3 +49,29 @@ def output_path(output_dir: Path, mode: str, name: str) -> Path:
     """OUTPUT/vis_imgs/<mode>/<mode>_<name>.jpg; ``pred`` is a palette PNG of the label ids, as in 2022."""
     return Path(output_dir) / "vis_imgs" / mode / f"{mode}_{name}{'.png' if mode == 'pred' else '.jpg'}"
 
+
+# Every output is written through a temporary file named after it (common/fileio: a dot, the name, a suffix with
+# the process id); the room that temporary needs beyond the output's own name, with headroom for a longer scheme.
+TEMP_NAME_ROOM = 40
+
+
+def name_limit(folder: Path) -> int:
+    """The longest file name (bytes) allowed in ``folder`` (or in its nearest existing parent): usually 255."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def too_long_names(paths: Sequence[Path]) -> Optional[str]:
+    """None when every output path's name (with its temporary's) fits its folder's limit; else a sentence naming
+    the longest, for a 'skipped' line. A legal input name of 240 characters gives output names that do not."""
+    longest = max(paths, key=lambda p: len(p.name.encode("utf-8")))
+    size, limit = len(longest.name.encode("utf-8")), name_limit(longest.parent) - TEMP_NAME_ROOM
+    if size <= limit:
+        return None
+    return (f"its output file name {longest.name[:40]}... would be {size} bytes, more than the {limit} this folder "
+            "takes (with the temporary file it is written through); rename the file")

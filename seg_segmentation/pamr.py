@@ -21,6 +21,10 @@ def _shifted(x: torch.Tensor, dilations: Sequence[int], with_centre: bool = Fals
     offsets = [(0, 0)] + _NEIGHBOURS if with_centre else _NEIGHBOURS
     out = []
     for d in dilations:
+        # Beyond the image every neighbour is a replicated edge pixel, so a distance above max(H, W) gives the
+        # values it gives at max(H, W): the same result, without padding the image to (H + 2d) x (W + 2d) (a
+        # distance of 100,000 asked for 480 GB).
+        d = min(d, max(H, W))
         p = F.pad(x, [d, d, d, d], mode='replicate')
         out.extend(p[..., d + dy * d:d + dy * d + H, d + dx * d:d + dx * d + W] for dy, dx in offsets)
     return torch.stack(out, dim=2)

@@ -13,7 +13,7 @@ from typing import List, Sequence, Tuple, Union
 from common.errors import UsageError
 from modules.tokenization_clip import normalize_text
 
-from .classes import name_lines, read_name_text
+from .classes import check_name_length, name_lines, read_name_text
 
 NAMES_DIR = Path(__file__).resolve().parent / 'names'
 
@@ -47,6 +47,7 @@ def parse_name_lines(lines: Sequence[str], source: str = 'class names') -> List[
             raise ClassNamesError(f'{source}: line {i + 1} (class {i}) has an empty name in {line.strip()!r}; '
                                   'separate names with ", " and no trailing comma')
         for n in names:
+            check_name_length(n, source, f'line {i + 1} (class {i})')
             key = normalize_text(n)
             if key in seen:
                 j, other = seen[key]

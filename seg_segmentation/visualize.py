@@ -21,7 +21,7 @@ from common.errors import UsageError
 from common.images import DEFAULT_MAX_IMAGE_PIXELS, ImageReadError, read_image_bgr
 from .drawing import GROUP_MODES, class_palette, render
 from .inputs import unique_names
-from .outputs import output_path, save_jpg, save_label_png, write_json
+from .outputs import output_path, save_jpg, save_label_png, too_long_names, write_json
 
 # Largest float copy (C x H x W elements) made when labels are resized to the photo's size: 32 MB; bigger photos go
 # through the memory-bounded resize (seg_segmentation/inference.py, upsample_labels).
@@ -184,8 +184,8 @@ def run_visualization(demo: SegmentationDemo, inputs: Sequence[Path], output_dir
     """Segment every input and write, per image ``name``: ``vis_imgs/<mode>/<mode>_<name>.jpg`` for each mode
     (``.png`` label ids for ``pred``), ``labels/<name>.png`` (palette PNG of label ids) and ``labels/<name>.json``
     (classes present with pixel share). Every file is written atomically; temporaries a killed earlier run left in
-    these folders are removed first. Unreadable files and images above ``max_image_pixels`` are skipped and
-    counted. Returns {'written': [names], 'skipped': [(path, reason)], 'files': [paths]}."""
+    these folders are removed first. Unreadable files, images above ``max_image_pixels`` and files whose names
+    make output names too long for the file system are skipped and counted. Returns {'written': [names], 'skipped': [(path, reason)], 'files': [paths]}."""
     from tqdm import tqdm
     from common.fileio import remove_stale_temporaries
     output_dir = Path(output_dir)
@@ -195,6 +195,11 @@ def run_visualization(demo: SegmentationDemo, inputs: Sequence[Path], output_dir
     report = {"written": [], "skipped": [], "files": []}
     for path, name in tqdm(list(zip(inputs, unique_names(inputs))), desc="segmenting", unit="img",
                            disable=not progress or len(inputs) < 2):
+        names_problem = too_long_names([output_path(output_dir, m, name) for m in modes]
+                                       + [output_dir / "labels" / f"{name}{ext}" for ext in (".png", ".json")])
+        if names_problem:     # checked before any work: a file system refuses the name only when it is written
+            report["skipped"].append((str(path), f"{path}: {names_problem}"))
+            continue
         try:
             bgr = read_image_bgr(path, max_image_pixels)
             pred = demo.predict(bgr, with_groups)

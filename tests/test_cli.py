@@ -162,6 +162,81 @@ def test_names_equal_after_the_tokenizers_lower_casing_are_duplicates(names):
         parse_class_list(names)
 
 
+def test_class_names_too_long_for_clips_prompt_are_refused(tmp_path, capsys):
+    """CLIP reads 77 tokens per prompt and the tokenizer cut longer prompts silently: a name that does not fit in
+    the longest template is refused wherever class names are read (--classes, synonym lines), in one line, before
+    any model is loaded; a huge name is refused before it is tokenized (that alone took minutes)."""
+    import time
+    import main_seg_vis
+    import main_seg_zeroshot
+    from modules.tokenization_clip import get_tokenizer
+    from seg_segmentation.classes import SURELY_FITS_BYTES, name_token_limit, parse_class_list
+    from seg_segmentation.synonyms import parse_name_lines
+    from seg_segmentation.templates import TEMPLATES
+    limit = name_token_limit()
+    assert limit == 66 and SURELY_FITS_BYTES <= limit
+    longest = "cat " + "big " * limit                         # limit + 1 tokens
+    fits = "cat " + "big " * (limit - 1)                      # exactly the limit
+    tok = get_tokenizer()
+    assert len(tok.encode(longest)) == limit + 1 and len(tok.encode(fits)) == limit
+    # a name of the limit fits in every prompt of every template set, start and end tokens included
+    assert max(len(tok.encode(t.format(fits))) + 2 for ts in TEMPLATES.values() for t in ts) == 77
+    assert parse_class_list(f"dog, {fits}") == ["dog", fits.strip()]
+    with pytest.raises(UsageError, match=f"class 1 has a name of {limit + 1} CLIP tokens"):
+        parse_class_list(f"dog, {longest}")
+    with pytest.raises(UsageError, match=r"line 2 \(class 1\) has a name of 67 CLIP tokens"):
+        parse_name_lines(["dog, puppy", f"cat, {longest}"])
+    started = time.monotonic()
+    with pytest.raises(UsageError, match="a name of 5,000,000 characters; a class name may have at most 1,000"):
+        parse_class_list("dog, " + "x" * 5_000_000)
+    assert time.monotonic() - started < 2
+    (tmp_path / "x.png").write_bytes(b"")
+    root = empty_voc_layout(tmp_path / "VOC2012")
+    for main, argv in ((main_seg_vis.main, ["--input", str(tmp_path / "x.png"), "--output_dir", str(tmp_path)]),
+                       (main_seg_zeroshot.main, ["--dataset", "voc", "--data_root", str(root)])):
+        assert main(argv + ["--classes", f"dog, {longest}"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --classes: class 1 has a name of 67 CLIP tokens") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("flag, value", [("--logit_scale", "nan"), ("--logit_scale", "inf"), ("--logit_scale", "0"),
+                                         ("--prob_thd", "nan"), ("--prob_thd", "-0.1"), ("--prob_thd", "1.5")])
+@pytest.mark.parametrize("script", ["main_seg_zeroshot", "main_seg_vis", "demo.app"])
+def test_head_flags_that_would_make_every_pixel_background(script, flag, value, tmp_path, capsys):
+    """--logit_scale NaN / inf / 0 and --prob_thd outside [0, 1] (or NaN) label every pixel background (or
+    crash): one line and exit 2 in every tool that takes them, before any model is loaded."""
+    from PIL import Image
+    Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
+    argv = {"main_seg_zeroshot": ["--dataset", "voc", "--data_root", str(empty_voc_layout(tmp_path / "VOC2012"))],
+            "main_seg_vis": ["--input", str(tmp_path / "x.png"), "--classes", "cat", "--output_dir", str(tmp_path)],
+            "demo.app": ["--port", "1"]}[script]
+    main = importlib.import_module(script).main
+    assert main(argv + ["--method", "sclip", flag, value, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    want = "a positive number" if flag == "--logit_scale" else "in [0, 1]"
+    assert err.startswith(f"error: {flag} must be {want}, got {float(value)}") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--lr", "nan", "--lr must be a finite number >= 0, got nan"),
+    ("--lr", "inf", "--lr must be a finite number >= 0, got inf"),
+    ("--lr=-1e-4", None, "--lr must be a finite number >= 0, got -0.0001"),
+    ("--lower_lr", "nan", "--lower_lr must be a finite number >= 0, got nan"),
+    ("--weight_decay", "inf", "--weight_decay must be a finite number >= 0, got inf"),
+    ("--opt_b2", "1", "--opt_b2 must be a number in [0, 1), got 1.0"),
+    ("--warmup_proportion", "nan", "--warmup_proportion must be a number in [0, 1], got nan"),
+    ("--clip_grad", "nan", "--clip_grad must be a finite number, got nan"),
+    ("--mae_vis_mask_ratio", "1", "--mae_vis_mask_ratio must be a number in [0, 1), got 1.0"),
+])
+def test_training_numbers_are_checked_before_anything_runs(flag, value, message, tmp_path, capsys):
+    import main_task_align
+    flags = [flag] if value is None else [flag, value]
+    assert main_task_align.main(["--do_pretrain", "--output_dir", str(tmp_path / "out"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {message}\n"
+    assert not (tmp_path / "out").exists()
+
+
 def test_wrapper_prints_one_line_exit_2_and_only_on_rank_zero(capsys, monkeypatch):
     @cli.run_main
     def main(argv=None):

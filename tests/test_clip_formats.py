@@ -1,6 +1,7 @@
 """CLIP weights from every format, checked against the library that defines each format (its own image and text
 embeddings), and TorchScript archives read without running their code (design.md §9)."""
 import os
+import re
 from typing import Tuple
 
 import pytest
@@ -240,6 +241,36 @@ def test_bad_clip_inputs(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes((20).to_bytes(8, "little") + b"{not json")
     with pytest.raises(CheckpointError, match="not a readable .safetensors file"):
         load_clip(str(tmp_path / "bad.safetensors"))
+
+
+@pytest.mark.parametrize("config, message", [
+    ('[1, 2]', "expected a JSON object of settings, got [1, 2]"),
+    ('{"model_type": ["clip"]}', "model_type must be a string"),
+    ('{"text_config": "base"}', "text_config must be an object"),
+    ('{"vision_config": {"hidden_size": "768"}}', 'vision_config.hidden_size must be an integer above 0, got "768"'),
+    ('{"vision_config": {"hidden_size": 768, "num_attention_heads": 0}}', "num_attention_heads must be an integer above 0"),
+    ('{"text_config": {"hidden_size": true}}', "text_config.hidden_size must be an integer above 0, got true"),
+    ('{"text_config": {"layer_norm_eps": "1e-5"}}', "text_config.layer_norm_eps must be a number"),
+    ('{"vision_config": {"hidden_act": ["gelu"]}}', "vision_config.hidden_act must be a string"),
+    ('[' * 100_000 + ']' * 100_000, "not a readable JSON config"),
+])
+def test_badly_typed_hf_config_is_one_line(config, message, tmp_path, capsys):
+    """A transformers folder whose config.json has a field of the wrong type (written by hand, damaged): one line
+    naming the field, from every tool that reads CLIP weights, before any weights are read."""
+    import main_seg_vis
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text(config)
+    (folder / "model.safetensors").write_bytes(b"")      # never reached
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        load_clip_weights(str(folder))
+    from PIL import Image
+    Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
+    assert main_seg_vis.main(["--method", "sclip", "--pretrained_clip_name", str(folder), "--classes", "cat",
+                              "--input", str(tmp_path / "x.png"), "--output_dir", str(tmp_path / "out"),
+                              "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
 
 
 def test_segclip_checkpoint_as_clip(reference, tmp_path):

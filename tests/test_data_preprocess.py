@@ -169,6 +169,34 @@ def test_img2dataset_sample_fields(tmp_path):
         list_shards(str(tmp_path / "{00000..00001}.tar"))
 
 
+def test_caption_json_nested_too_deep_is_skipped_and_counted(tmp_path):
+    """A sample whose JSON nests deeper than Python's stack (RecursionError, not ValueError) stopped the whole
+    store build, at the same sample on every rerun; it is now a sample without a caption, counted like one (its
+    txt member is used when there is one). A Karpathy file nested so deep is refused in one line."""
+    from webdataset import TarWriter
+    from dataloaders.build_stores import build_cc3m_store, build_coco_store
+    from dataloaders.shards import sample_caption
+    from tests.helpers import jpeg_bytes, random_image
+    deep = b"[" * 100_000 + b"]" * 100_000
+    assert sample_caption({"json": deep}) is None
+    assert sample_caption({"json": b'{"caption": ' + deep + b"}", "txt": b"from txt"}) == "from txt"
+    img = jpeg_bytes(random_image(np.random.default_rng(0)))
+    (tmp_path / "raw").mkdir()
+    with TarWriter(str(tmp_path / "raw" / "00000.tar")) as tw:
+        tw.write({"__key__": "a", "jpg": img, "json": b'{"caption": "a dog"}'})
+        tw.write({"__key__": "b", "jpg": img, "json": deep})
+        tw.write({"__key__": "c", "jpg": img, "json": b'{"caption": "a cat"}'})
+    for _ in range(2):                                             # and again: the rerun is not stopped either
+        s = build_cc3m_store(tmp_path / "raw", tmp_path / "store", progress=False)
+    assert (s["shards_skipped"], s["images_in_store"]) == (1, 2)
+    first = build_cc3m_store(tmp_path / "raw", tmp_path / "store2", progress=False)
+    assert (first["written"], first["no_caption"]) == (2, 1)
+    (tmp_path / "karpathy.json").write_bytes(deep)
+    (tmp_path / "images").mkdir()
+    with pytest.raises(stores.StoreError, match="is not a Karpathy caption file"):
+        build_coco_store(tmp_path / "karpathy.json", tmp_path / "images", tmp_path / "coco", progress=False)
+
+
 def test_cc3m_store_keeps_every_sample_of_two_img2dataset_runs(tmp_path):
     """Two img2dataset output folders both hold 00000.tar and 00001.tar with the same sample keys (img2dataset
     keys are unique only within one run): all 28 samples are stored (by file name and key, run b was lost whole

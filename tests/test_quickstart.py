@@ -169,6 +169,21 @@ def test_quickstart_trains_both_stages_end_to_end(repo_root, tmp_path):
     assert "shapes only" in r.stdout
 
 
+@pytest.mark.slow
+def test_quickstart_summary_records_the_losses_it_trained_with(repo_root, tmp_path):
+    """summary.json's model config says how the model was trained: MAE on and the superpixel loss off here (it
+    said use_vision_mae_recon false next to the 'mae' loss, and use_seglabel true without it). A small world."""
+    out = tmp_path / "qs"
+    r = subprocess.run([sys.executable, str(repo_root / "demo" / "quickstart.py"), "--output_dir", str(out),
+                        "--num_train", "64", "--num_val", "4", "--clip_epochs", "0", "--epochs", "1", "--num_vis", "0",
+                        "--no_seglabel", "--workers", "1"], cwd=repo_root, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    trained = json.loads((out / "summary.json").read_text())["trained"]
+    assert trained["losses"] == ["contrastive", "mae"]
+    assert trained["config"]["use_vision_mae_recon"] is True and trained["config"]["use_seglabel"] is False
+    assert "3.84M parameters" in r.stdout        # the model as trained: with its MAE decoder
+
+
 def _quickstart_module(repo_root):
     import importlib.util
     spec = importlib.util.spec_from_file_location("quickstart", repo_root / "demo" / "quickstart.py")

@@ -79,6 +79,47 @@ def test_bad_method_flags(args, msg, voc_tree, capsys):
     assert len(err.strip().splitlines()) == 1
 
 
+def test_pamr_distance_beyond_the_image_is_the_image_size():
+    """A PAMR distance past the image's edge only sees replicated edge pixels: huge --pamr_dilations give the
+    result of max(H, W) (they asked for hundreds of GB, or overflowed)."""
+    from seg_segmentation.pamr import pamr
+    g = torch.Generator().manual_seed(0)
+    image, mask = torch.randn(1, 3, 20, 30, generator=g), torch.randn(1, 4, 20, 30, generator=g)
+    edge = pamr(image, mask, steps=3, dilations=[2, 30])
+    for far in (31, 100_000, 10 ** 12):
+        assert torch.equal(pamr(image, mask, steps=3, dilations=[2, far]), edge)
+    assert not torch.equal(pamr(image, mask, steps=3, dilations=[2, 15]), edge)
+
+
+def _vis(clip_file, tmp_path, photo, *extra):
+    from main_seg_vis import main
+    return main(['--method', 'sclip', '--pretrained_clip_name', str(clip_file), '--input', str(photo), '--classes',
+                 'cat, wall', '--output_dir', str(tmp_path / 'out'), '--device', 'cpu', '--no_progress', *extra])
+
+
+@pytest.mark.parametrize('size, extra', [
+    ((120, 160), ['--resolution', '8']),                          # the resized image: 8 x 10, below one patch
+    ((10, 3000), ['--resolution', '224']),                        # a thin strip: 224 tall, then capped to 2048 long
+    ((120, 160), ['--resolution', '224', '--pamr_steps', '1', '--pamr_dilations', '1000000000000']),
+])
+def test_demo_sclip_small_or_thin_images_and_far_pamr(size, extra, clip_file, tmp_path, capsys):
+    """What SegCLIP segments, the training-free methods segment too: an image side below one patch is padded to
+    one patch (as SegCLIP does) - it was a ValueError traceback; labels come out at the photo's size."""
+    photo = tmp_path / 'photo.png'
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (*size, 3), dtype=np.uint8)).save(photo)
+    assert _vis(clip_file, tmp_path, photo, *extra) == 0, capsys.readouterr().err
+    assert np.array(Image.open(tmp_path / 'out' / 'labels' / 'photo.png')).shape == size
+
+
+def test_demo_sclip_crop_below_one_patch(clip_file, tmp_path, capsys):
+    photo = tmp_path / 'photo.png'
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(photo)
+    assert _vis(clip_file, tmp_path, photo, '--resolution', '64', '--crop_size', '8', '--stride', '8') == 2
+    err = capsys.readouterr().err
+    assert err == ('error: crop size 8 is smaller than one 16x16 patch of this CLIP; give a --crop_size of at '
+                   'least 16 (or 0: the whole image)\n')
+
+
 @pytest.mark.slow
 def test_sclip_torchrun_two_processes_equal_one(voc_tree, clip_file, tmp_path, repo_root):
     common = ['--method', 'sclip', '--dataset', 'voc', '--data_root', voc_tree, '--pretrained_clip_name', clip_file,

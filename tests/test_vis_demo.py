@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -120,12 +121,33 @@ def test_awkward_inputs_and_a_large_photo(repo_root, tiny_checkpoint, tmp_path):
     assert peak_kb is not None and peak_kb < 1_500_000, f"peak memory {peak_kb / 1e6:.2f} GB"
 
 
+def test_input_name_too_long_for_its_outputs_is_skipped_and_counted(repo_root, tiny_checkpoint, tmp_path, capsys):
+    """A legal 240-character file name makes an output name (input_pred_label_<name>.jpg, and the temporary it is
+    written through) longer than the file system allows: that photo is skipped and named, the others are written
+    (it was an OSError traceback that stopped the folder)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    long_name = "p" * 236 + ".jpg"                                        # 240 characters: a legal name
+    chelsea = (repo_root / "demo" / "examples" / "chelsea.jpg").read_bytes()
+    (folder / long_name).write_bytes(chelsea)
+    (folder / "short.jpg").write_bytes(chelsea)
+    rc = main_seg_vis.main(["--input", str(folder), "--init_model", str(tiny_checkpoint), "--classes", "cat, wall",
+                            "--output_dir", str(tmp_path / "out"), "--no_progress", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and "wrote 1 image(s), skipped 1" in out, err
+    assert f"{folder / long_name}: its output file name input_pred_label_ppp" in err
+    assert "bytes, more than the" in err and "rename the file" in err and "Traceback" not in err
+    assert (tmp_path / "out" / "labels" / "short.png").is_file()
+    assert sorted(p.name for p in (tmp_path / "out" / "labels").iterdir()) == ["short.json", "short.png"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--input", "{tmp}/nope.jpg"], "input not found"),
     (["--classes", "cat, , dog"], "empty name"),
     (["--classes", "cat, dog, cat"], "duplicate class name 'cat'"),
     (["--classes", "  "], "empty name"),
     (["--classes", "background, cat"], "added automatically"),
+    (["--classes_file", "{tmp}/synonyms.txt"], "added automatically"),     # a synonym 'background' too
     (["--classes_file", "{tmp}/none.txt"], "cannot read"),
     (["--init_model", "{tmp}/missing.bin"], "checkpoint not found"),
     (["--init_model", "{tmp}/junk.bin"], "not a weights-only"),
@@ -137,6 +159,7 @@ def test_bad_input_gives_clear_error(argv, message, tmp_path, tiny_checkpoint, c
     (tmp_path / "junk.bin").write_bytes(b"\x00garbage")
     torch.save({"visual.proj": torch.zeros(2, 2)}, tmp_path / "clip_like.bin")
     (tmp_path / "text.jpg").write_text("hello")
+    (tmp_path / "synonyms.txt").write_text("cat, kitten\nwall, background\n")
     argv = [a.format(tmp=tmp_path) for a in argv]
     base = ["--input", str(tmp_path / "text.jpg"), "--init_model", str(tiny_checkpoint),
             "--output_dir", str(tmp_path / "o"), "--no_progress"]
@@ -175,6 +198,33 @@ def test_default_checkpoint_from_cache(repo_root, tiny_checkpoint, tmp_path, mon
     summary = json.loads((tmp_path / "o" / "labels" / "coffee.json").read_text())
     assert summary["vocabulary"] == ["cup", "saucer", "spoon", "table"] and summary["background"] is False
     assert (tmp_path / "o" / "vis_imgs" / "pred" / "pred_coffee.png").is_file()
+
+
+@pytest.mark.parametrize("method, flag", [("segclip", "--init_model"), ("sclip", "--pretrained_clip_name")])
+def test_offline_errors_point_to_what_works_offline(method, flag, repo_root, tmp_path, monkeypatch, capsys):
+    """Offline, a missing released checkpoint (SegCLIP) or CLIP (the training-free methods) names the file to
+    fetch and what runs without it: the quickstart's checkpoint, or the CLIP inside it - in the demo, the web page
+    and the evaluation alike."""
+    import main_seg_zeroshot
+    from demo import app
+    from tests.helpers import write_fake_dataset
+    monkeypatch.setenv("SEGCLIP_OFFLINE", "1")
+    monkeypatch.setenv("SEGCLIP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    voc = write_fake_dataset("voc", tmp_path / "VOC2012", num_images=1, sizes=[(64, 64)], seed=0)
+    hint = f"{flag} output/quickstart/train/pytorch_model.bin.1"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for main, argv in ((main_seg_vis.main, ["--input", str(repo_root / "demo" / "examples" / "chelsea.jpg"),
+                                            "--classes", "cat", "--output_dir", str(tmp_path / "o")]),
+                       (main_seg_zeroshot.main, ["--dataset", "voc", "--data_root", str(voc), "--num_workers", "0"]),
+                       (app.main, ["--port", str(port)])):
+        assert main(argv + ["--method", method, "--device", "cpu", "--no_progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+        assert "downloads are disabled" in err and "curl -L" in err and hint in err, err
+        assert "python demo/quickstart.py" in err
 
 
 def _split_of(photos, root: Path) -> Path:

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from common.errors import UsageError
 from demo import app
 
 PIXEL_LIMIT = 200_000
@@ -212,7 +214,11 @@ def test_browser_upload_segment_download_and_bad_input(server, browser, repo_roo
     started = time.monotonic()
     browser.get(server)
     _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#photo input[type=file]"), what="the upload box")
-    assert "not the released SegCLIP checkpoint" in browser.find_element(By.TAG_NAME, "body").text
+    body = browser.find_element(By.TAG_NAME, "body").text
+    assert "not the released SegCLIP checkpoint" in body
+    # the page says its limits: names (count and CLIP tokens), photo size
+    assert f"At most {app.MAX_PAGE_NAMES} names, each at most 66 CLIP tokens long" in body
+    assert "at most 0.2 megapixels, 50 MB" in body
 
     # 1. a photo and three names -> the CLI's label PNG and JSON, offered for download
     _upload(browser, chelsea)
@@ -297,13 +303,105 @@ def segmenter(tiny_model, tiny_checkpoint, tmp_path):
     ("chelsea", "cat, dog, cat", True, "duplicate class name 'cat'"),
     ("chelsea", "background, cat", True, "added automatically"),
     ("notes", "cat", True, "notes.jpg: not a readable image"),
+    # a synonym 'background' is a second background class as much as a class of that name
+    ("chelsea", "cat, kitten\nwall, background", True, "added automatically"),
+    # comment lines only: no class names (they were taken as names '# ...')
+    ("chelsea", "# my classes\n# none yet", True, "every line starts with '#'"),
+    # longer than CLIP's prompt (it would be cut silently), a huge name, a huge box, too many names
+    ("chelsea", "cat, " + "big " * 70 + "dog", True, "CLIP tokens"),
+    ("chelsea", "cat, " + "x" * 5000, True, "5,000 characters"),
+    ("chelsea", "cat, " + "x" * 5 * 1024 * 1024, True, "this page takes at most 100,000"),
+    ("chelsea", ", ".join(f"c{i}" for i in range(10_000)), True, "10,000 class names"),
+    ("chelsea", "\n".join(f"thing{i}, other{i}" for i in range(200)), True, "400 class names"),
 ])
 def test_bad_page_input_is_a_message(segmenter, repo_root, tmp_path, photo, classes, background, message):
     paths = {"chelsea": str(repo_root / "demo" / "examples" / "chelsea.jpg"), "notes": str(tmp_path / "notes.jpg"),
              None: None}
     (tmp_path / "notes.jpg").write_text("hello")
+    started = time.monotonic()
     with pytest.raises(app.PageInputError, match=message.replace("(", r"\(")):
         segmenter.segment(paths[photo], classes, background)
+    assert time.monotonic() - started < 5, "refused only after the work it should have saved"
+
+
+def _page_event(page, name):
+    """The function the page runs for its event ``name`` (gradio's api_name: the handler's name)."""
+    return next(fn.fn for fn in page.fns.values() if fn.api_name == name)
+
+
+def test_unexpected_errors_are_a_page_message(segmenter, repo_root, monkeypatch, caplog):
+    """Errors from deeper than the page's own checks: a user error says what is wrong, anything else says it is
+    not the user's fault; never gradio's bare 'Error' (an exception escaping the handler)."""
+    page = app.build_page(segmenter)
+    run, preview = _page_event(page, "run"), _page_event(page, "preview")
+    chelsea = str(repo_root / "demo" / "examples" / "chelsea.jpg")
+
+    def deep_usage_error(*a, **k):
+        raise UsageError("class names: duplicate class name 'x' (classes 0 and 3)")
+    monkeypatch.setattr(segmenter, "demo_for", deep_usage_error)
+    *outputs, status = run(chelsea, "cat", True, 0.8, "simple")
+    assert outputs == [None, None, "", None]
+    assert "Could not segment: class names: duplicate class name &#x27;x&#x27; (classes 0 and 3)." in status
+
+    def bug(*a, **k):
+        raise RuntimeError("shape mismatch deep inside")
+    monkeypatch.setattr(segmenter, "demo_for", bug)
+    *outputs, status = run(chelsea, "cat", True, 0.8, "simple")
+    assert "Could not segment: an internal error (RuntimeError)" in status and "server&#x27;s log" in status
+    assert "shape mismatch" not in status and "shape mismatch deep inside" in caplog.text   # the log has it
+
+    monkeypatch.setattr(app, "PREVIEW_SIDE", None)      # the preview breaks (a bug): a message, not 'Error'
+    shown, status = preview(chelsea)
+    assert shown is None and "Could not read the photo: an internal error (TypeError)" in status
+    page.close()
+
+
+def test_page_fetches_no_url_caps_uploads_and_prunes_its_cache(segmenter, repo_root, monkeypatch):
+    """The running page (the launch settings of main): an http(s) URL given through the API instead of an upload
+    is refused without a connection; an upload above --max_upload_mb is refused (HTTP 413); uploads are swept out
+    of gradio's cache once older than CACHE_AGE_S."""
+    import gradio.processing_utils
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+    fetched = []
+
+    async def download(url, cache_dir):
+        fetched.append(url)
+        raise OSError("the test allows no download")
+    monkeypatch.setattr(gradio.processing_utils, "async_ssrf_protected_download", download)
+    monkeypatch.setattr(app, "CACHE_SWEEP_S", 1)
+    monkeypatch.setattr(app, "CACHE_AGE_S", 1)
+    page = app.build_page(segmenter, max_upload_mb=1)
+    port = _free_port()
+    app.launch_page(page, "127.0.0.1", port, max_upload_mb=1, block=False)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        def upload(name, data):
+            boundary = "segclip-test-boundary"
+            body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\n"
+                    "Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+            req = urllib.request.Request(url + "gradio_api/upload", data=body, method="POST",
+                                         headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+            try:
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    return r.status, json.loads(r.read())
+            except urllib.error.HTTPError as e:
+                return e.code, e.read().decode()
+
+        code, _ = upload("big.jpg", b"\xff" * 1_500_000)
+        assert code == 413
+        code, paths = upload("chelsea.jpg", (repo_root / "demo" / "examples" / "chelsea.jpg").read_bytes())
+        assert code == 200 and Path(paths[0]).is_file()
+        _wait(lambda: not Path(paths[0]).exists(), timeout=20, what="the upload to be swept out of the cache")
+
+        client = Client(url, verbose=False)
+        remote = {"path": "https://example.com/cat.jpg", "url": "https://example.com/cat.jpg",
+                  "meta": {"_type": "gradio.FileData"}}
+        with pytest.raises(AppError, match="does not fetch photos from the internet"):
+            client.predict(remote, "cat", True, 0.8, "simple", api_name="/run")
+        assert fetched == []
+    finally:
+        page.close()
 
 
 def test_photo_above_the_pixel_limit(tiny_model, tiny_checkpoint, repo_root, tmp_path):
@@ -312,6 +410,23 @@ def test_photo_above_the_pixel_limit(tiny_model, tiny_checkpoint, repo_root, tmp
     with pytest.raises(app.PageInputError, match=r"chelsea.jpg: 451 x 300 = 135,300 pixels is above the limit of 100,000"):
         seg.segment(str(repo_root / "demo" / "examples" / "chelsea.jpg"), "cat")
     seg.close()
+
+
+def test_page_pixel_limit_is_a_shared_servers(tiny_model, tiny_checkpoint, tmp_path, capsys):
+    """The page's default --max_image_pixels is 4096 x 4096, not Pillow's 89 million: a 9000 x 9000 PNG of a few
+    KB (5.9 GB to decode and draw) is refused from its header; --max_upload_mb must be positive."""
+    args = app.get_args([])
+    assert args.max_image_pixels == app.PAGE_MAX_IMAGE_PIXELS == 4096 * 4096 and args.max_upload_mb == 50
+    Image.new("L", (9000, 9000)).save(tmp_path / "huge.png")
+    assert (tmp_path / "huge.png").stat().st_size < 200_000
+    seg = app.WebSegmenter(tiny_model, tiny_checkpoint, released=False, device="cpu",
+                           max_image_pixels=args.max_image_pixels, work_dir=tmp_path / "work")
+    with pytest.raises(app.PageInputError, match="huge.png: 9000 x 9000 = 81,000,000 pixels is above the limit of "
+                                                 "16,777,216"):
+        seg.segment(str(tmp_path / "huge.png"), "cat")
+    seg.close()
+    assert app.main(["--max_upload_mb", "0"]) == 2
+    assert capsys.readouterr().err == "error: --max_upload_mb must be positive, got 0\n"
 
 
 def test_background_as_a_class_without_background(segmenter, repo_root):

@@ -56,8 +56,13 @@ def load_method(name: str, clip_weights: str = 'ViT-B/16', *, vfm: Optional[str]
     cls = get_method(name)
     loaded = {} if loaded is None else loaded
     if 'clip' not in loaded:
+        from common.download import QUICKSTART_CHECKPOINT, QUICKSTART_MAKES_IT, DownloadError
         from modules.checkpoint import load_clip
-        clip = load_clip(clip_weights, cache_dir=cache_dir, device=device, activation=activation)
+        try:
+            clip = load_clip(clip_weights, cache_dir=cache_dir, device=device, activation=activation)
+        except DownloadError as e:   # a named CLIP that cannot be fetched: say what works without it
+            raise DownloadError(f"{e}; or run the method on the CLIP inside a SegCLIP checkpoint, e.g. "
+                                f"--pretrained_clip_name {QUICKSTART_CHECKPOINT} ({QUICKSTART_MAKES_IT})") from None
         loaded['clip'] = set_precision(clip, precision).eval()
     second = None
     if cls.vfm is not None:
