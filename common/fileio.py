@@ -99,7 +99,9 @@ def atomic_open(path: PathLike, mode: str = "wb", **kwargs) -> Iterator[IO[Any]]
     except OSError as e:
         raise OutputError(describe_os_error(e, path)) from e
     finally:
-        with contextlib.suppress(FileNotFoundError):
+        # the temporary is usually gone (renamed, or never created); an unlink that fails for another reason
+        # (e.g. a name the file system refuses) must not replace the error that brought us here
+        with contextlib.suppress(OSError):
             tmp.unlink()
     _fsync_dir(path.parent)
 
