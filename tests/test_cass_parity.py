@@ -286,11 +286,13 @@ def test_windows_one_at_a_time(method, ref, large, images, runs):
     seg = segmentor(method, ref, large['cases']['context60'])
     image = images['large'][0]
     state = method.prepare_image(image)
+    global_rng = torch.get_rng_state()
     with torch.no_grad():
         for w, (y1, y2, x1, x2) in enumerate(slide_windows(336, 448, 224, 112)):
             out = method.window_outputs(image[None, :, y1:y2, x1:x2], seg.queries, [state])
             torch.testing.assert_close(out.logits[0], seen[0].logits[w], atol=1e-6, rtol=0)
             assert torch.equal(out.visual.assignment[0], seen[0].visual.assignment[w])
+    assert torch.equal(torch.get_rng_state(), global_rng)          # the global generator is never drawn from
 
 
 def test_no_near_tie_assignments(method, ref, images, runs):
@@ -346,7 +348,7 @@ def test_bf16_agreement(clip, dino, ref, large, images, runs):
     a = runs('voc21')[3]
     agreement = (a == b).float().mean().item()
     print(f'bf16 vs fp32 pixel agreement: {agreement:.4f}')
-    assert agreement > 0.9
+    assert agreement > 0.95
 
 
 def test_few_patches_and_bad_vfm(clip, dino):
@@ -358,8 +360,7 @@ def test_few_patches_and_bad_vfm(clip, dino):
     with torch.no_grad():
         dense = method.dense_features(crops, [None])
     assert dense.shape == (1, 3, 3, 32) and torch.isfinite(dense).all()
-    narrow = type(dino).__new__(type(dino))
-    torch.nn.Module.__init__(narrow)
-    narrow.width = 64
+    from modules.vfm import VFMConfig, VisionTransformerVFM
+    narrow = VisionTransformerVFM(VFMConfig('dino', 64, 1, 8, 28, 256))      # a width-64 DINO
     with pytest.raises(UsageError, match='64 wide but CLIP is 128'):
         build_method('cass', clip, vfm=narrow)

@@ -321,12 +321,12 @@ class CASS(TrainingFreeMethod):
             self._clusters = (queries.features, self.h_threshold, labels.to(queries.features.device))
         return self._clusters[2]
 
-    def window_outputs(self, crops: torch.Tensor, queries: Queries,
-                       states: Sequence[Optional[ImageState]], dino_keys: Optional[torch.Tensor] = None) -> Window:
+    def window_outputs(self, crops: torch.Tensor, queries: Queries, states: Sequence[Optional[ImageState]]) -> Window:
+        """Windows [B, 3, h, w] -> their logits on the patch grid, and what went into them (``Window``)."""
         states = [s if s is not None else self.prepare_image(c) for s, c in zip(states, crops)]
         # the window's own embedding where it is asked for, or where the window is the whole image anyway
         own = [self.global_from == 'window' or c.shape[-2:] == s.image.shape[-2:] for c, s in zip(crops, states)]
-        enc = self.encode(crops, states, dino_keys, own_global=any(own))
+        enc = self.encode(crops, states, own_global=any(own))
         g = torch.stack([enc.embedding[b] if own[b] else self.image_embedding(s) for b, s in enumerate(states)])
         g = F.normalize(g.float(), dim=-1)                                            # [B, D]
         feats = F.normalize(enc.dense.float().flatten(1, 2), dim=-1)                  # [B, n, D]
