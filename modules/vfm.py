@@ -7,7 +7,7 @@ one (ProxyCLIP, CASS; design.md §14).
 
 ``images`` are ImageNet-normalised. One class covers both families, told apart by their tensors:
 
-- DINO (Caron et al. 2021; ``dino_vit{small,base}{8,16}_pretrain.pth``): blocks x + attn(norm1(x)),
+- DINO (Caron et al. 2021; ``dino_{deitsmall,vitbase}{8,16}_pretrain.pth``): blocks x + attn(norm1(x)),
   x + mlp(norm2(x)); LayerNorm eps 1e-6, exact GELU, qkv with bias, head dimension 64.
 - DINOv2 (Oquab et al. 2023; the torch.hub checkpoints, ``dinov2_vit{s,b,l,g}14[_reg4]_pretrain.pth``): the same
   blocks with layer scale (x + ls1 ⊙ attn(norm1(x)), ...), a ``mask_token`` (unused at inference), optionally
@@ -77,9 +77,9 @@ VFM_CONFIGS = {
 class Attention(nn.Module):
     """DINO's attention: one ``qkv`` Linear (with bias), ``proj``. x [B, T, C] -> [B, T, C].
 
-    fused: through ``scaled_dot_product_attention`` (DINOv2's code), else softmax(q·kᵀ·d^-½)·v written out (DINO's):
-    the two round differently (~1e-6), and ProxyCLIP's hard cut of the similarities at 0 turns such a difference
-    into 1e-3 on the rows it flips, so each family computes as its own code does."""
+    fused: through ``scaled_dot_product_attention`` (DINOv2's code), else softmax(q·kᵀ·d^-½)·v written out
+    (DINO's). The two round differently (~1e-6), and ProxyCLIP's hard cut of the similarities at 0 turns such a
+    difference into 1e-3 on the rows it flips, so each family computes as its own code does."""
 
     def __init__(self, width: int, heads: int, fused: bool = True):
         super().__init__()

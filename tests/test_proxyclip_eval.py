@@ -52,7 +52,8 @@ def test_voc_preset_and_saved_predictions(voc_tree, clip_file, vfm_file, tmp_pat
     assert rc == 0, err
     res = json.loads((tmp_path / 'r.json').read_text())
     s = res['settings']
-    assert (s['method'], s['resolution'], s['crop'], s['stride'], s['templates']) == ('proxyclip', 336, 336, 112, 'full')
+    assert (s['method'], s['resolution'], s['crop'], s['stride'], s['templates']) == \
+        ('proxyclip', 336, 336, 112, 'full')
     assert (s['logit_scale'], s['prob_thd'], s['area_thd'], s['pamr_steps']) == (40.0, 0.2, None, 0)
     assert (s['proxy_beta'], s['proxy_gamma'], s['vfm']) == (1.2, 3.0, str(vfm_file))
     assert res['images'] == 3 and res['num_classes'] == 21
@@ -130,17 +131,31 @@ def test_torchrun_two_processes_equal_one(voc_tree, clip_file, vfm_file, tmp_pat
     assert all(np.array_equal(np.array(Image.open(a)), np.array(Image.open(b))) for a, b in zip(p1, p2))
 
 
-def test_demo(clip_file, vfm_file, tmp_path, capsys):
+def test_demo_and_web_page(clip_file, vfm_file, tmp_path, capsys):
+    """main_seg_vis.py and the web page (demo/app.py) segment a photo with ProxyCLIP alike."""
+    from demo import app
     from main_seg_vis import main
     img = tmp_path / 'photo.png'
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8)).save(img)
-    rc = main(['--method', 'proxyclip', '--pretrained_clip_name', str(clip_file), '--vfm', str(vfm_file), '--input',
-               str(img), '--classes', 'cat,dog,wall', '--output_dir', str(tmp_path / 'out'), '--device', 'cpu',
-               '--no_progress', '--resolution', '224', '--crop_size', '224'])
+    flags = ['--method', 'proxyclip', '--pretrained_clip_name', str(clip_file), '--vfm', str(vfm_file), '--device',
+             'cpu', '--resolution', '224', '--crop_size', '224']
+    rc = main(flags + ['--input', str(img), '--classes', 'cat, dog, wall', '--output_dir', str(tmp_path / 'out'),
+                       '--no_progress'])
     out = capsys.readouterr()
     assert rc == 0, out.err
-    labels = np.array(Image.open(tmp_path / 'out' / 'labels' / 'photo.png'))
+    cli_png = tmp_path / 'out' / 'labels' / 'photo.png'
+    labels = np.array(Image.open(cli_png))
     assert labels.shape == (120, 160) and labels.max() <= 3
+    seg = app.load_segmenter(app.get_args(flags))
+    try:
+        assert '--method proxyclip' in app.model_line(seg)
+        assert Path(seg.segment(str(img), 'cat, dog, wall')['label_png']).read_bytes() == cli_png.read_bytes()
+    finally:
+        seg.close()
+    rc = main(['--method', 'proxyclip', '--pretrained_clip_name', str(clip_file), '--vfm', str(tmp_path / 'no.pth'),
+               '--input', str(img), '--output_dir', str(tmp_path / 'o2')])
+    err = capsys.readouterr().err
+    assert rc == 2 and '--vfm' in err and 'is neither a checkpoint file' in err and len(err.strip().splitlines()) == 1
     rc = main(['--method', 'proxyclip', '--pretrained_clip_name', str(clip_file), '--vfm', str(tmp_path / 'no.pth'),
                '--input', str(img), '--output_dir', str(tmp_path / 'o2')])
     err = capsys.readouterr().err

@@ -24,7 +24,7 @@ from modules.layers import resize_positions
 from modules.state_dict import CheckpointError
 from modules.vfm import VFM_CONFIGS, VisionTransformerVFM, config_from_state_dict, meta_state_dict
 from tests.conftest import FIXTURES
-from tests.test_download import server  # noqa: F401 - the HTTP server fixture
+from tests.test_download import _free_port_url, server  # noqa: F401 - the HTTP server fixture
 
 PROXYCLIP_PT = FIXTURES / "proxyclip_reference.pt"
 FEATURES = dict(atol=1e-5, rtol=0)
@@ -56,7 +56,8 @@ def dinov2(ref):
 
 def test_sizes_from_the_tensors(ref, dino, dinov2):
     assert (dino.patch_size, dino.width, dino.heads, dino.num_registers, len(dino.blocks)) == (8, 128, 2, 0, 4)
-    assert (dinov2.patch_size, dinov2.width, dinov2.heads, dinov2.num_registers, len(dinov2.blocks)) == (14, 128, 2, 4, 4)
+    assert (dinov2.patch_size, dinov2.width, dinov2.heads, dinov2.num_registers, len(dinov2.blocks)) == \
+        (14, 128, 2, 4, 4)
     assert dino.config.family == "dino" and dinov2.config.family == "dinov2"
     assert (dino.config.grid, dinov2.config.grid, dino.config.mlp_hidden) == (28, 16, 512)
     for model, sd in ((dino, ref["dino_state_dict"]), (dinov2, ref["dinov2_state_dict"])):
@@ -185,7 +186,8 @@ def test_load_by_name_from_the_cache(files, ref, tmp_path, monkeypatch):
     (cache / "dino_vitbase8_pretrain.pth").write_bytes(files["dino"].read_bytes())
     with pytest.raises(CheckpointError) as err:   # the tiny model is not the released ViT-B/8
         load_vfm("dino_vitb8", cache_dir=cache)
-    assert "holds a DINO ViT width 128, 4 blocks, patch 8, not dino_vitb8 (DINO ViT width 768, 12 blocks" in str(err.value)
+    assert ("holds a DINO ViT width 128, 4 blocks, patch 8, not dino_vitb8 (DINO ViT width 768, 12 blocks"
+            in str(err.value))
     monkeypatch.setitem(VFM_CONFIGS, "dino_vitb8", config_from_state_dict(ref["dino_state_dict"]))
     model = load_vfm("dino_vitb8", cache_dir=cache)
     assert model.patch_size == 8 and model.width == 128
@@ -200,6 +202,14 @@ def test_offline_says_which_file_to_put_where(tmp_path, monkeypatch):
     msg = str(err.value)
     assert len(msg.splitlines()) == 1 and "SEGCLIP_OFFLINE" in msg
     assert str(tmp_path / "c" / "dinov2_vitb14_reg4_pretrain.pth") in msg and VFM_URLS["dinov2_vitb14_reg"] in msg
+    monkeypatch.delenv("SEGCLIP_OFFLINE")   # no network: nothing listens at the URL
+    url = _free_port_url() + "/dinov2/dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth"
+    monkeypatch.setitem(download.VFM_URLS, "dinov2_vitb14_reg", url)
+    with pytest.raises(DownloadError) as err:
+        load_vfm("dinov2_vitb14_reg", cache_dir=tmp_path / "c")
+    msg = str(err.value)
+    assert len(msg.splitlines()) == 1 and "could not download" in msg and url in msg and "curl -L -o" in msg
+    assert str(tmp_path / "c" / "dinov2_vitb14_reg4_pretrain.pth") in msg and os.listdir(tmp_path / "c") == []
 
 
 def test_download_checks_the_tensors(server, files, ref, tmp_path, monkeypatch):  # noqa: F811

@@ -50,7 +50,7 @@ class ProxyCLIP(TrainingFreeMethod):
              'Open-Vocabulary Segmentation"')
     knobs = (
         Knob('proxy_beta', float, 1.2, 'ProxyCLIP β: VFM similarities below β × their mean are not attended to'),
-        Knob('proxy_gamma', float, 3.0, 'ProxyCLIP γ: sharpness - (similarity − β·mean) × γ goes into the softmax'),
+        Knob('proxy_gamma', float, 3.0, 'ProxyCLIP γ: sharpness; (similarity − β·mean) × γ enters the softmax'),
     )
     # ProxyCLIP's configs: short side 336 (448 Cityscapes, ADE20K), 336 windows every 112 px (224 Cityscapes),
     # logit scale 40, no PAMR, no area threshold; prob_thd only on the datasets with a background class

@@ -1,0 +1,112 @@
+"""Cost of ProxyCLIP with its default second vision model: time and peak memory per 336x448 image.
+
+    python benchmarks/bench_vfm.py                 # CPU, 2 threads, fp32 and bf16, median of 3 runs
+    python benchmarks/bench_vfm.py --json vfm.json --repeats 5
+
+Full-size random models: CLIP ViT-B/16 (OpenAI's sizes) and DINO ViT-B/8 (``dino_vitb8``'s sizes). One image of
+336x448 (a VOC image at ProxyCLIP's short side 336) through the whole segmentor with the voc20 preset (336 px
+windows every 112 px: 2 windows, each 1,764 DINO tokens and 441 CLIP tokens), 21 class names (text embedded once,
+not timed). Each precision runs in a fresh process, so its peak resident memory is its own: ``peak_rss_mb`` is the
+process's peak, ``weights_rss_mb`` its resident memory after the models are built, and ``run_mb`` the difference
+(what segmenting one image adds). Wall seconds count waiting for a core on a shared machine; CPU seconds (process
+time over the threads) are the steadier figure. A breakdown times the parts of one window: the VFM's features, the
+proxy attention, CLIP up to its last block.
+"""
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+NAMES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+         "dining table", "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa", "train", "tv monitor"]
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def timed(fn, repeats):
+    """(median wall s, median CPU s) over ``repeats`` runs after one warm-up."""
+    fn()
+    walls, cpus = [], []
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    return statistics.median(walls), statistics.median(cpus)
+
+
+def one_precision(precision: str, repeats: int, threads: int) -> dict:
+    import torch
+    from modules.clip import CLIP
+    from modules.config import SegCLIPConfig
+    from modules.precision import set_precision
+    from modules.vfm import VFM_CONFIGS, VisionTransformerVFM
+    from seg_segmentation.dense import TrainingFreeSegmentor
+    from seg_segmentation.methods import build_method
+    from seg_segmentation.methods.proxyclip import imagenet_normalised, proxy_attention, similarity
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    clip = CLIP(SegCLIPConfig(first_stage_layer=0, use_vision_mae_recon=False))
+    vfm = VisionTransformerVFM(VFM_CONFIGS["dino_vitb8"])
+    with torch.no_grad():
+        for p in (vfm.cls_token, vfm.pos_embed):
+            p.normal_(std=0.02)
+    method = set_precision(build_method("proxyclip", clip, vfm=vfm), precision).eval()
+    seg = TrainingFreeSegmentor(method, classes=[[n] for n in NAMES], **method.settings("voc20"))
+    image = torch.randn(1, 3, 336, 448, generator=torch.Generator().manual_seed(1))
+    weights = rss_mb()
+    wall, cpu = timed(lambda: seg.predict(image, (336, 448)), repeats)
+    window = image[..., :336, :336]
+    parts = {}
+    with torch.no_grad():
+        feats = method.vfm_model.features(imagenet_normalised(window))
+        parts["vfm_features"] = timed(lambda: method.vfm_model.features(imagenet_normalised(window)), repeats)
+        parts["proxy_attention"] = timed(lambda: proxy_attention(similarity(feats), 1.2, 3.0), repeats)
+        parts["clip_to_last_block"] = timed(lambda: method.clip.visual.tokens_before_last(window.to(torch.float32)),
+                                            repeats)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return dict(precision=precision, threads=threads, repeats=repeats, image="336x448", windows=2,
+                wall_s=round(wall, 3), cpu_s=round(cpu, 3), weights_rss_mb=round(weights),
+                peak_rss_mb=round(peak), run_mb=round(peak - weights),
+                per_window_wall_s={k: round(v[0], 3) for k, v in parts.items()})
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)   # the child process: one precision, JSON out
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(one_precision(args.one, args.repeats, args.threads)))
+        return
+    rows = []
+    for precision in args.precisions:
+        out = subprocess.run([sys.executable, __file__, "--one", precision, "--repeats", str(args.repeats),
+                              "--threads", str(args.threads)], capture_output=True, text=True, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(f"{'precision':>9} {'wall s':>7} {'CPU s':>7} {'weights MiB':>12} {'peak MiB':>9} {'run MiB':>8}  "
+          "per window: VFM / proxy attention / CLIP to last block (wall s)")
+    for r in rows:
+        w = r["per_window_wall_s"]
+        print(f"{r['precision']:>9} {r['wall_s']:>7} {r['cpu_s']:>7} {r['weights_rss_mb']:>12} {r['peak_rss_mb']:>9} "
+              f"{r['run_mb']:>8}  {w['vfm_features']} / {w['proxy_attention']} / {w['clip_to_last_block']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
