@@ -353,7 +353,7 @@ def test_bf16_agreement(clip, dino, ref, large, images, runs):
 
 def test_few_patches_and_bad_vfm(clip, dino):
     """A window of fewer than 10 patches (CASS's rank-10 SVD crashes there) gets a lower rank; a second model of
-    another width is a one-line user error."""
+    another width, or a DINOv2, is a one-line user error."""
     from common.errors import UsageError
     method = build_method('cass', clip, vfm=dino)
     crops = torch.randn(1, 3, 48, 48)
@@ -364,3 +364,6 @@ def test_few_patches_and_bad_vfm(clip, dino):
     narrow = VisionTransformerVFM(VFMConfig('dino', 64, 1, 8, 28, 256))      # a width-64 DINO
     with pytest.raises(UsageError, match='64 wide but CLIP is 128'):
         build_method('cass', clip, vfm=narrow)
+    dinov2 = VisionTransformerVFM(VFMConfig('dinov2', 128, 1, 14, 37, 512, num_registers=4))
+    with pytest.raises(UsageError, match='must be a DINO ViT .* not dinov2'):
+        build_method('cass', clip, vfm=dinov2)

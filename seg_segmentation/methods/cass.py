@@ -253,6 +253,9 @@ class CASS(TrainingFreeMethod):
     def __init__(self, clip, vfm, **knobs):
         super().__init__(clip, **knobs)
         width = clip.visual.transformer.resblocks[-1].attn.width
+        if vfm.config.family != 'dino':     # CASS's DINOv2 branch (518 px input, registers) was never published
+            raise UsageError(f'cass: the second vision model must be a DINO ViT (--vfm dino_vitb8 or a file of that '
+                             f'layout), not {vfm.config.family}')
         if vfm.width != width:
             raise UsageError(f'cass: the second vision model is {vfm.width} wide but CLIP is {width}: CASS reads '
                              f'its keys as CLIP\'s heads (DINO ViT-B/8 with CLIP ViT-B/16)')
