@@ -1,0 +1,116 @@
+"""Cost of CASS with its default second vision model: time and peak memory per 336x448 image.
+
+    python benchmarks/bench_cass.py                  # CPU, 2 threads, fp32 and bf16, median of 3 runs
+    python benchmarks/bench_cass.py --json cass.json --repeats 5
+
+Full-size random models: CLIP ViT-B/16 (OpenAI's sizes) and DINO ViT-B/8 (``dino_vitb8``'s sizes). One 336x448
+image (a VOC image at CASS's short side) with 21 class names (text embedded once, not timed), under two presets:
+``voc`` (the whole image in one window: 588 CLIP tokens, DINO on the 336² squash, 1,764 tokens) and ``context``
+(six 224 windows: 196 CLIP and 784 DINO tokens each, plus CLIP once on the whole image for the global embedding).
+Each precision runs in a fresh process: ``peak_rss_mb`` is that process's peak resident memory, ``run_mb`` the peak
+minus the memory after the models are built. Wall seconds include waiting for a core on a shared machine; CPU
+seconds (process time, all threads) are the steadier figure. ``parts`` times one 224 window's pieces: DINO's keys,
+CLIP up to its last block, and the spectral distillation (eigenvalues, matching, randomised SVDs).
+"""
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+NAMES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+         "dining table", "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa", "train", "tv monitor"]
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def timed(fn, repeats):
+    """(median wall s, median CPU s) over ``repeats`` runs after one warm-up."""
+    fn()
+    walls, cpus = [], []
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    return round(statistics.median(walls), 3), round(statistics.median(cpus), 3)
+
+
+def one_precision(precision: str, repeats: int, threads: int) -> dict:
+    import torch
+    from modules.clip import CLIP
+    from modules.config import SegCLIPConfig
+    from modules.precision import set_precision
+    from modules.vfm import VFM_CONFIGS, VisionTransformerVFM
+    from seg_segmentation.dense import TrainingFreeSegmentor
+    from seg_segmentation.methods import build_method
+    from seg_segmentation.methods import cass
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    clip = CLIP(SegCLIPConfig(first_stage_layer=0, use_vision_mae_recon=False))
+    vfm = VisionTransformerVFM(VFM_CONFIGS["dino_vitb8"])
+    with torch.no_grad():
+        for p in (vfm.cls_token, vfm.pos_embed):
+            p.normal_(std=0.02)
+    method = set_precision(build_method("cass", clip, vfm=vfm), precision).eval()
+    image = torch.randn(1, 3, 336, 448, generator=torch.Generator().manual_seed(1))
+    weights = rss_mb()
+    row = dict(precision=precision, threads=threads, repeats=repeats, image="336x448")
+    for preset in ("voc", "context"):
+        seg = TrainingFreeSegmentor(method, classes=[[n] for n in NAMES], **method.settings(preset))
+        row[preset] = dict(zip(("wall_s", "cpu_s"), timed(lambda: seg.predict(image, (336, 448)), repeats)))
+    window = image[..., :224, :224]
+    with torch.no_grad():
+        keys = method.dino_keys(window)
+        last = method.clip.visual.transformer.resblocks[-1]
+        k = last.attn.qkv_heads(last.ln_1(method.clip.visual.tokens_before_last(window)))[1][:, :, 1:].float()
+        attn = (k @ k.transpose(-1, -2)) * 0.125
+        graph = cass.key_graph(cass.match_key_range(cass.keys_on_clip_grid(keys[:, :, 1:], 12, (14, 14)), k), 0.125)
+        row["parts_wall_s"] = dict(
+            dino_keys=timed(lambda: method.dino_keys(window), repeats)[0],
+            clip_to_last_block=timed(lambda: method.clip.visual.tokens_before_last(window), repeats)[0],
+            distill=timed(lambda: cass.distill(attn[0], graph[0], torch.Generator().manual_seed(0)), repeats)[0])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    row.update(weights_rss_mb=round(weights), peak_rss_mb=round(peak), run_mb=round(peak - weights))
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)   # the child process: one precision, JSON out
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(one_precision(args.one, args.repeats, args.threads)))
+        return
+    rows = []
+    for precision in args.precisions:
+        out = subprocess.run([sys.executable, __file__, "--one", precision, "--repeats", str(args.repeats),
+                              "--threads", str(args.threads)], capture_output=True, text=True, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(f"{'precision':>9} {'voc wall/CPU s':>15} {'context wall/CPU s':>19} {'peak MiB':>9} {'run MiB':>8}  "
+          "one 224 window: DINO keys / CLIP to last block / distillation (wall s)")
+    for r in rows:
+        p = r["parts_wall_s"]
+        print(f"{r['precision']:>9} {r['voc']['wall_s']:>7} / {r['voc']['cpu_s']:<5} "
+              f"{r['context']['wall_s']:>9} / {r['context']['cpu_s']:<6} {r['peak_rss_mb']:>9} {r['run_mb']:>8}  "
+              f"{p['dino_keys']} / {p['clip_to_last_block']} / {p['distill']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
