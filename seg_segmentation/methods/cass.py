@@ -22,6 +22,7 @@ from PIL import Image
 
 from common.errors import UsageError
 from .base import Knob, Queries, TrainingFreeMethod, pad_or_cut
+from .naclip import neighbourhood_bias
 
 # CASS turns the CLIP-normalised window back into pixels with ImageNet's statistics - and 0.255 for 0.225 -, the
 # two constants of its torchvision Normalize; then DINO's own preprocessing normalises with the right ones.
@@ -145,14 +146,6 @@ def distill(attn: torch.Tensor, graph: torch.Tensor, generator: torch.Generator,
     return out, sigma, cost
 
 
-def neighbourhood(grid: Tuple[int, int], std: float, device) -> torch.Tensor:
-    """NACLIP's Gaussian Ω [n, n] between the patches of a gh x gw grid: exp(-|p - p'|² / 2σ²), σ in patches."""
-    ys, xs = torch.meshgrid(torch.arange(grid[0], device=device), torch.arange(grid[1], device=device), indexing='ij')
-    ys, xs = ys.flatten().float(), xs.flatten().float()
-    d2 = (ys[:, None] - ys[None]) ** 2 + (xs[:, None] - xs[None]) ** 2
-    return torch.exp(-d2 / (2 * std ** 2))
-
-
 # ---------------------------------------------------------------------- text side
 def cluster_queries(features: torch.Tensor, threshold: float) -> np.ndarray:
     """Query features [Q, D] -> cluster of each query [Q] (0-based): Ward linkage on cosine distances, cut at
@@ -260,7 +253,7 @@ class CASS(TrainingFreeMethod):
             raise UsageError(f'cass: the second vision model is {vfm.width} wide but CLIP is {width}: CASS reads '
                              f'its keys as CLIP\'s heads (DINO ViT-B/8 with CLIP ViT-B/16)')
         self.vfm_model = vfm       # (the class attribute vfm is the default's name)
-        self._omega, self._clusters = {}, None
+        self._clusters = None
 
     def prepare_image(self, image: torch.Tensor) -> ImageState:
         # a generator per image, seeded alike, so the draws depend neither on batching nor on the process count
@@ -299,10 +292,8 @@ class CASS(TrainingFreeMethod):
         return Encoded(dense.unflatten(1, grid), embedding, torch.stack(assignment), torch.stack(cost))
 
     def omega(self, grid: Tuple[int, int], device) -> torch.Tensor:
-        key = (grid, self.gaussian_std, str(device))
-        if key not in self._omega:
-            self._omega[key] = neighbourhood(grid, self.gaussian_std, device)
-        return self._omega[key]
+        """NACLIP's Gaussian Ω between the patches of the grid (naclip.py; cached there), class token dropped."""
+        return neighbourhood_bias(*grid, self.gaussian_std, torch.device(device))[1:, 1:]
 
     def dense_features(self, crops: torch.Tensor, states: Sequence[Optional[ImageState]]) -> torch.Tensor:
         states = [s if s is not None else self.prepare_image(c) for s, c in zip(states, crops)]
