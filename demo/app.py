@@ -101,8 +101,9 @@ class WebSegmenter:
     def __init__(self, model, checkpoint: Optional[Path], released: bool, device, crop: int = 224, stride: int = 224,
                  resolution: int = 224, max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
                  work_dir: Optional[Path] = None, method: str = "segclip", head: Optional[Dict] = None,
-                 templates: str = "simple", weights: Optional[str] = None):
+                 templates: str = "simple", weights: Optional[str] = None, vfm_weights: Optional[str] = None):
         self.model, self.released, self.device = model, released, device
+        self.vfm_weights = vfm_weights
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.method, self.head, self.templates, self.weights = method, dict(head or {}), templates, weights
         self.crop, self.stride, self.resolution = crop, stride, resolution
@@ -230,7 +231,9 @@ def load_segmenter(args) -> WebSegmenter:
     released = args.method == "segclip" and Path(ckpt).resolve() == released_path.resolve()
     return WebSegmenter(model, ckpt, released, device, crop=args.crop_size, stride=args.stride,
                         resolution=args.resolution, max_image_pixels=args.max_image_pixels, method=args.method,
-                        head=head, templates=args.templates, weights=args.pretrained_clip_name)
+                        head=head, templates=args.templates, weights=args.pretrained_clip_name,
+                        vfm_weights=(getattr(args, "vfm", None) or METHODS[args.method].vfm)
+                        if args.method in METHODS else None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -254,8 +257,9 @@ def shares_html(summary: Dict) -> str:
 
 def model_line(seg: WebSegmenter) -> str:
     if not seg.has_centers:
-        return (f"Model: `--method {seg.method}`, the plain CLIP `{seg.weights}` on {seg.device} (training-free: "
-                "no learnable centers, so no center view).")
+        second = f" with the second vision model `{seg.vfm_weights}`" if seg.vfm_weights else ""
+        return (f"Model: `--method {seg.method}`, the plain CLIP `{seg.weights}`{second} on {seg.device} "
+                "(training-free: no learnable centers, so no center view).")
     cfg = seg.model.config
     where = f"`{seg.checkpoint}` on {seg.device}"
     if seg.released:
