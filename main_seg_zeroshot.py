@@ -248,7 +248,13 @@ def request_of(args, method: str, dataset: str, cfg) -> dict:
                 pamr_dilations=list(cfg.pamr_dilations), knobs=cfg.knobs, bg_thresh=cfg.bg_thresh,
                 class_names=cfg.class_names, max_images=cfg.max_images, precision=args.precision,
                 weights=args.pretrained_clip_name if method != cli.SEGCLIP else args.init_model,
-                vfm=getattr(args, 'vfm', None))
+                vfm=vfm_of(args, method))
+
+
+def vfm_of(args, method: str):
+    """The second vision model ``method`` runs with (--vfm, else its default), None for a method without one."""
+    cls = METHODS.get(method)
+    return (getattr(args, 'vfm', None) or cls.vfm) if cls is not None and cls.vfm else None
 
 
 def evaluate_pair(args, method, dataset, class_names, env, loaded, save_pred):
@@ -262,7 +268,7 @@ def evaluate_pair(args, method, dataset, class_names, env, loaded, save_pred):
     result['settings'].update(init_model=args.init_model if method == cli.SEGCLIP else None,
                               world_size=env.world_size, tag=args.tag,
                               clip_weights=args.pretrained_clip_name if method != cli.SEGCLIP else None,
-                              vfm=(getattr(args, 'vfm', None) or model.vfm) if getattr(model, 'vfm', None) else None)
+                              vfm=vfm_of(args, method))
     return cfg, result
 
 

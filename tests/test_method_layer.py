@@ -246,6 +246,14 @@ def test_demo_crop_zero_whole_image(clip_file, tmp_path, capsys):
     assert labels.shape == (90, 130)
 
 
+def test_a_second_vision_model_is_part_of_the_request_of_its_methods_only():
+    """Adding --vfm for the VFM methods of a table does not make a rerun evaluate the other methods again."""
+    from main_seg_zeroshot import parse_args, vfm_of
+    args = parse_args(['--method', 'sclip,proxyclip', '--dataset', 'voc', '--output_dir', 'x', '--vfm', 'dino_vitb16'])
+    assert (vfm_of(args, 'sclip'), vfm_of(args, 'proxyclip'), vfm_of(args, 'segclip')) == (None, 'dino_vitb16', None)
+    assert vfm_of(parse_args(['--method', 'cass']), 'cass') == 'dino_vitb8'
+
+
 def test_evalconfig_preset_carries_knobs_and_flags():
     from seg_segmentation.evaluate import EvalConfig
     cfg = EvalConfig.preset('sclip', 'voc', prob_thd=0.3, knobs={})
