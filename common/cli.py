@@ -22,6 +22,7 @@ import math
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
@@ -39,6 +40,7 @@ LEGACY_SETTINGS: Dict[str, Optional[str]] = {
     "tag": None, "model_name": None, "amp_opt_level": None, "vis": None,
 }
 AMP_CHOICES = ("off", "bf16", "fp16")
+SILENT_RANK_EXIT_DELAY_S = 2.0
 PAPER_SEED = 42    # the seed of the published training run (design.md §5), the default of every --seed
 _NOT_SETTINGS = ("help", "cfg", "opts")
 
@@ -226,7 +228,10 @@ def add_method_args(p: argparse.ArgumentParser, methods: Mapping, several: bool 
                 raise ValueError(f"knob {name!r} of {users[0][0]} and {clash[0]} differ in type or choices; "
                                  "rename one (prefix it with its method's name)")
             kind = _knob_type(knob.type)
-            helps = "; ".join(f"{n}: {kb.help} (default {kb.default})" for n, kb in users)
+            helps = "; ".join(f"{n}: {kb.help}" for n, kb in users)
+            defaults = {n: kb.default for n, kb in users}
+            helps += (f" (default {knob.default})" if len(set(map(repr, defaults.values()))) == 1 else
+                      " (default: " + ", ".join(f"{n} {d}" for n, d in defaults.items()) + ")")
             k.add_argument(f"--{name}", type=kind, default=None, choices=knob.choices, help=helps,
                            metavar="{true,false}" if knob.type is bool else None)
     p.set_defaults(resolution=None, crop_size=None, stride=None, templates=None, _method_knobs=tuple(knobs),
@@ -701,5 +706,9 @@ def run_main(main: Callable[..., Optional[int]]) -> Callable[..., int]:
                 with contextlib.suppress(Exception):
                     sys.stdout.flush()
                 print(error_line(e), file=sys.stderr, flush=True)
+            else:
+                # a launcher stops every process once one has exited with an error: give rank 0, which reports it,
+                # the time to print before this (silent) rank's exit sets that off
+                time.sleep(SILENT_RANK_EXIT_DELAY_S)
             return 2
     return wrapper

@@ -38,10 +38,16 @@ class StopSignals:
 
     def __init__(self):
         self.signum: Optional[int] = None
+        self._announced = False
         self._previous = {}
 
     @property
     def requested(self) -> bool:
+        if self.signum is not None and not self._announced:
+            # said here, by the loop that checks, not in the handler: logging from a signal handler can re-enter a
+            # stream the interrupted code was writing to (a RuntimeError that would replace the orderly stop)
+            self._announced = True
+            logger.warning("%s received: stopping after this step and saving the training state", self.name)
         return self.signum is not None
 
     @property
@@ -54,8 +60,6 @@ class StopSignals:
         if self.signum is None:
             self.signum = signum
             shared_stop_flag().value = 1
-            logger.warning("%s received: stopping after this step and saving the training state",
-                           signal.Signals(signum).name)
 
     def __enter__(self) -> "StopSignals":
         shared_stop_flag().value = 0
