@@ -9,7 +9,8 @@ VOC21 preset says (short side 336 or 448), so each method runs its own windows (
 448, or the whole image). Timed: the prediction of every image with the windows of all images batched
 (``--batch_size``), and the same with one window at a time, which is how the methods' own code runs them. Text
 queries are encoded once, outside the timing. Each method and precision runs in a fresh process, so its peak
-resident memory is its own (``peak_rss_mb``; ``run_mb`` = the peak minus the memory once the models are built).
+resident memory is its own: ``peak_rss_mb`` is the peak while the images are segmented (counted from after a
+warm-up image, models built), ``run_mb`` that peak minus the memory before the timed runs.
 Wall seconds count waiting for a core on a shared machine; ``cpu_s_per_image`` (process time over all threads) is
 the steadier figure. Prints per method and precision the median of ``--repeat`` runs, and the pixel agreement of
 bf16 with fp32.
@@ -61,9 +62,21 @@ def photos(n: int, seed: int = 0):
     return out
 
 
-def rss_mb() -> float:
+def status_mb(field: str) -> float:
+    """VmRSS (resident now) or VmHWM (peak resident) of this process, in MB."""
     with open('/proc/self/status') as f:
-        return next(int(line.split()[1]) for line in f if line.startswith('VmRSS')) / 1024
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ':')) / 1024
+
+
+def reset_peak() -> bool:
+    """Restart the peak-memory count (Linux: writing 5 to clear_refs), so the peak of building the models in
+    float32 before a bf16 cast is not counted as the images'."""
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+        return True
+    except OSError:
+        return False
 
 
 def worker(args) -> None:
@@ -87,7 +100,6 @@ def worker(args) -> None:
     images = [eval_image_tensor(bgr, settings['resolution'], 2048) for bgr in raw]
     sizes = [bgr.shape[:2] for bgr in raw]
     windows = sum(len(slide_windows(*img.shape[-2:], settings['crop'], settings['stride'])) for img in images)
-    loaded_mb = rss_mb()
 
     def timed(batch_size):
         walls, cpus = [], []
@@ -99,6 +111,8 @@ def worker(args) -> None:
         return statistics.median(walls), statistics.median(cpus), labels
 
     seg.predict_labels(images[:1], sizes[:1])                                  # warm-up
+    loaded_mb = status_mb('VmRSS')
+    reset = reset_peak()
     wall, cpu, labels = timed(args.batch_size)
     row = dict(method=cls.name, precision=args.worker_precision, resolution=settings['resolution'],
                crop=settings['crop'], stride=settings['stride'], windows_per_image=windows / len(images),
@@ -106,8 +120,8 @@ def worker(args) -> None:
     if not args.no_batch1:
         wall1, cpu1, _ = timed(1)
         row.update(batch1_s_per_image=wall1, batch1_cpu_s_per_image=cpu1)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    row.update(weights_rss_mb=loaded_mb, peak_rss_mb=peak, run_mb=peak - loaded_mb)
+    peak = status_mb('VmHWM') if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    row.update(rss_before_mb=loaded_mb, peak_rss_mb=peak, run_mb=peak - loaded_mb)
     torch.save([lb.to(torch.int16) for lb in labels], args.labels_out)
     print('RESULT ' + json.dumps(row), flush=True)
 
