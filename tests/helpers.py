@@ -23,6 +23,7 @@ import os.path as osp
 import pickle
 import signal
 import subprocess
+import sys
 import zlib
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
@@ -278,3 +279,40 @@ def run_or_fail_on_hang(cmd: Sequence[str], timeout: float, hang_message: str, *
         proc.communicate()
         pytest.fail(hang_message)
     return proc.returncode, out, err
+
+
+def eval_env() -> dict:
+    """The environment of an evaluation subprocess: one thread per process, no inherited launcher variables."""
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
+    env.pop('WORLD_SIZE', None)
+    return env
+
+
+def run_cli(repo_root, args, nproc: int = 1, timeout: float = 240) -> subprocess.CompletedProcess:
+    """``main_seg_zeroshot.py ARGS`` in a fresh process, or under ``torchrun --nproc_per_node NPROC``."""
+    script = str(Path(repo_root) / 'main_seg_zeroshot.py')
+    if nproc == 1:
+        cmd = [sys.executable, script]
+    else:
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(nproc), script]
+    return subprocess.run(cmd + [str(a) for a in args], cwd=repo_root, env=eval_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def one_and_two_processes(repo_root, args, out_dir, images: int) -> Tuple[dict, dict]:
+    """Evaluate ARGS in one process and under torchrun with two; assert that both count the same ``images``
+    images once, score them identically and save identical label maps. -> the two result JSONs."""
+    out_dir = Path(out_dir)
+    results = []
+    for nproc in (1, 2):
+        r = run_cli(repo_root, list(args) + ['--output', out_dir / f'{nproc}.json', '--save_pred',
+                                             out_dir / f'pred{nproc}'], nproc=nproc)
+        assert r.returncode == 0, r.stderr[-3000:]
+        results.append(json.loads((out_dir / f'{nproc}.json').read_text()))
+    one, two = results
+    assert (one['world_size'], two['world_size'], one['images'], two['images']) == (1, 2, images, images)
+    assert one['areas'] == two['areas'] and one['per_class'] == two['per_class'] and one['mIoU'] == two['mIoU']
+    p1, p2 = sorted((out_dir / 'pred1').iterdir()), sorted((out_dir / 'pred2').iterdir())
+    assert [p.name for p in p1] == [p.name for p in p2] and len(p1) == images
+    assert all(np.array_equal(np.array(Image.open(a)), np.array(Image.open(b))) for a, b in zip(p1, p2))
+    return one, two

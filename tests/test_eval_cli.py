@@ -13,27 +13,10 @@ from PIL import Image
 
 from seg_segmentation.classes import DATASET_CLASSES
 from seg_segmentation.datasets import LAYOUTS
-from tests.helpers import write_fake_dataset
+from tests.helpers import eval_env, run_cli, write_fake_dataset
 
 SIZES = [(120, 90), (90, 130), (200, 100), (96, 96), (150, 70)]     # (w, h): 1-3 windows of 112 each
 SMALL = ['--resolution', '112', '--crop_size', '112', '--stride', '112']   # the tiny model is a 112 model
-
-
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
-    env.pop('WORLD_SIZE', None)
-    return env
-
-
-def run_cli(repo_root, args, nproc=1, timeout=240):
-    script = str(repo_root / 'main_seg_zeroshot.py')
-    if nproc == 1:
-        cmd = [sys.executable, script]
-    else:
-        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(nproc), script]
-    r = subprocess.run(cmd + [str(a) for a in args], cwd=repo_root, env=_env(), capture_output=True, text=True,
-                       timeout=timeout)
-    return r
 
 
 def read_gt(dataset, path):
@@ -353,7 +336,7 @@ def test_two_nodes_equal_one_process(tmp_path, repo_root, tiny_checkpoint):
         [sys.executable, '-m', 'torch.distributed.run', '--nnodes', '2', '--nproc_per_node', '1', '--node_rank',
          str(rank), '--master_addr', '127.0.0.1', '--master_port', str(port), str(repo_root / 'main_seg_zeroshot.py')]
         + [str(a) for a in common + ['--output', tmp_path / 'two.json', '--save_pred', tmp_path / 'p2']],
-        cwd=repo_root, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+        cwd=repo_root, env=eval_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
     outs = [n.communicate(timeout=300) for n in nodes]
     assert [n.returncode for n in nodes] == [0, 0], [o[1][-2000:] for o in outs]
     one, two = json.loads((tmp_path / 'one.json').read_text()), json.loads((tmp_path / 'two.json').read_text())

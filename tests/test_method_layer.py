@@ -3,7 +3,6 @@ shared windows (crop 0 = whole image, batching across images), knob flags, and t
 main_seg_zeroshot.py (files, skipping on rerun, torchrun)."""
 import csv
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,8 +16,7 @@ from seg_segmentation.inference import slide_windows
 from seg_segmentation.methods import METHODS, PROTOCOL_KEYS, Knob, build_method
 from seg_segmentation.methods.base import pad_or_cut
 from tests.conftest import SCLIP_REFERENCE_PT
-from tests.helpers import write_fake_dataset
-from tests.test_eval_cli import run_cli
+from tests.helpers import run_cli, write_fake_dataset
 
 DATASETS = ('voc', 'context', 'coco', 'voc20', 'context59', 'coco_stuff', 'cityscapes', 'ade20k', 'custom')
 FAST = ['--resolution', '224', '--num_workers', '0', '--no_progress', '--device', 'cpu']

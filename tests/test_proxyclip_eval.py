@@ -13,8 +13,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import FIXTURES
-from tests.helpers import write_fake_dataset
-from tests.test_eval_cli import run_cli
+from tests.helpers import one_and_two_processes, write_fake_dataset
 
 NAMES = Path(__file__).resolve().parents[1] / 'seg_segmentation' / 'names'
 FAST = ['--resolution', '224', '--crop_size', '224', '--stride', '112', '--num_workers', '0', '--no_progress',
@@ -119,16 +118,7 @@ def test_bad_vfm_file_and_offline_one_line(voc_tree, clip_file, tmp_path, capsys
 def test_torchrun_two_processes_equal_one(voc_tree, clip_file, vfm_file, tmp_path, repo_root):
     common = ['--method', 'proxyclip', '--dataset', 'voc', '--data_root', voc_tree, '--pretrained_clip_name', clip_file,
               '--vfm', vfm_file, '--batch_size', '3'] + FAST
-    r1 = run_cli(repo_root, common + ['--output', tmp_path / 'one.json', '--save_pred', tmp_path / 'p1'])
-    assert r1.returncode == 0, r1.stderr[-3000:]
-    r2 = run_cli(repo_root, common + ['--output', tmp_path / 'two.json', '--save_pred', tmp_path / 'p2'], nproc=2)
-    assert r2.returncode == 0, r2.stderr[-3000:]
-    one, two = json.loads((tmp_path / 'one.json').read_text()), json.loads((tmp_path / 'two.json').read_text())
-    assert (one['world_size'], two['world_size'], one['images'], two['images']) == (1, 2, 3, 3)
-    assert one['areas'] == two['areas'] and one['per_class'] == two['per_class'] and one['mIoU'] == two['mIoU']
-    p1, p2 = sorted((tmp_path / 'p1').iterdir()), sorted((tmp_path / 'p2').iterdir())
-    assert [p.name for p in p1] == [p.name for p in p2] and len(p1) == 3
-    assert all(np.array_equal(np.array(Image.open(a)), np.array(Image.open(b))) for a, b in zip(p1, p2))
+    one_and_two_processes(repo_root, common, tmp_path, images=3)
 
 
 def test_demo_and_web_page(clip_file, vfm_file, tmp_path, capsys):
