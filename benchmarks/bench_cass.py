@@ -15,60 +15,32 @@ CLIP up to its last block, and the spectral distillation (eigenvalues, matching,
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-NAMES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-         "dining table", "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa", "train", "tv monitor"]
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
-
-
-def timed(fn, repeats):
-    """(median wall s, median CPU s) over ``repeats`` runs after one warm-up."""
-    fn()
-    walls, cpus = [], []
-    for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        walls.append(time.perf_counter() - t0)
-        cpus.append(time.process_time() - c0)
-    return round(statistics.median(walls), 3), round(statistics.median(cpus), 3)
-
+from bench_methods import full_size_clip, full_size_vfm, median_time, status_mb   # noqa: E402  (this folder)
 
 def one_precision(precision: str, repeats: int, threads: int) -> dict:
     import torch
-    from modules.clip import CLIP
-    from modules.config import SegCLIPConfig
+    from seg_segmentation.classes import DATASET_CLASSES
     from modules.precision import set_precision
-    from modules.vfm import VFM_CONFIGS, VisionTransformerVFM
     from seg_segmentation.dense import TrainingFreeSegmentor
     from seg_segmentation.methods import build_method
     from seg_segmentation.methods import cass
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    clip = CLIP(SegCLIPConfig(first_stage_layer=0, use_vision_mae_recon=False))
-    vfm = VisionTransformerVFM(VFM_CONFIGS["dino_vitb8"])
-    with torch.no_grad():
-        for p in (vfm.cls_token, vfm.pos_embed):
-            p.normal_(std=0.02)
+    clip, vfm = full_size_clip(), full_size_vfm("dino_vitb8")
     method = set_precision(build_method("cass", clip, vfm=vfm), precision).eval()
     image = torch.randn(1, 3, 336, 448, generator=torch.Generator().manual_seed(1))
-    weights = rss_mb()
+    weights = status_mb("VmRSS")
     row = dict(precision=precision, threads=threads, repeats=repeats, image="336x448")
     for preset in ("voc", "context"):
-        seg = TrainingFreeSegmentor(method, classes=[[n] for n in NAMES], **method.settings(preset))
-        row[preset] = dict(zip(("wall_s", "cpu_s"), timed(lambda: seg.predict(image, (336, 448)), repeats)))
+        seg = TrainingFreeSegmentor(method, classes=[[n] for n in DATASET_CLASSES["voc"]], **method.settings(preset))
+        row[preset] = dict(zip(("wall_s", "cpu_s"), median_time(lambda: seg.predict(image, (336, 448)), repeats)))
     window = image[..., :224, :224]
     with torch.no_grad():
         keys = method.dino_keys(window)
@@ -77,9 +49,9 @@ def one_precision(precision: str, repeats: int, threads: int) -> dict:
         attn = (k @ k.transpose(-1, -2)) * 0.125
         graph = cass.key_graph(cass.match_key_range(cass.keys_on_clip_grid(keys[:, :, 1:], 12, (14, 14)), k), 0.125)
         row["parts_wall_s"] = dict(
-            dino_keys=timed(lambda: method.dino_keys(window), repeats)[0],
-            clip_to_last_block=timed(lambda: method.clip.visual.tokens_before_last(window), repeats)[0],
-            distill=timed(lambda: cass.distill(attn[0], graph[0], torch.Generator().manual_seed(0)), repeats)[0])
+            dino_keys=median_time(lambda: method.dino_keys(window), repeats)[0],
+            clip_to_last_block=median_time(lambda: method.clip.visual.tokens_before_last(window), repeats)[0],
+            distill=median_time(lambda: cass.distill(attn[0], graph[0], torch.Generator().manual_seed(0)), repeats)[0])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     row.update(weights_rss_mb=round(weights), peak_rss_mb=round(peak), run_mb=round(peak - weights))
     return row

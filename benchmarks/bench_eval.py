@@ -13,7 +13,6 @@ DataLoader workers. Prints seconds per image, images/s and the speed-up, and che
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path

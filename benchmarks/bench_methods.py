@@ -41,9 +41,9 @@ def full_size_clip(seed: int = 0):
 def full_size_vfm(name: str, seed: int = 0):
     """A second vision model of the real size (random weights): the official architecture of ``name``."""
     import torch
-    from modules.vfm import VFM, VFM_CONFIGS
+    from modules.vfm import VFM_CONFIGS, VisionTransformerVFM
     torch.manual_seed(seed)
-    model = VFM(VFM_CONFIGS[name])
+    model = VisionTransformerVFM(VFM_CONFIGS[name])
     with torch.no_grad():
         for p in (model.cls_token, model.pos_embed):
             p.normal_(0, 0.02)
@@ -77,6 +77,18 @@ def reset_peak() -> bool:
         return True
     except OSError:
         return False
+
+
+def median_time(fn, repeats: int):
+    """(median wall s, median CPU s; to the millisecond) of ``repeats`` calls of ``fn`` after one warm-up call."""
+    fn()
+    walls, cpus = [], []
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    return round(statistics.median(walls), 3), round(statistics.median(cpus), 3)
 
 
 def worker(args) -> None:

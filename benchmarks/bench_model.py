@@ -10,9 +10,7 @@ forward+backward with all losses.
 import argparse
 import contextlib
 import json
-import os
 import resource
-import sys
 import time
 
 import torch

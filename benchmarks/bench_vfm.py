@@ -15,65 +15,37 @@ proxy attention, CLIP up to its last block.
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-NAMES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-         "dining table", "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa", "train", "tv monitor"]
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
-
-
-def timed(fn, repeats):
-    """(median wall s, median CPU s) over ``repeats`` runs after one warm-up."""
-    fn()
-    walls, cpus = [], []
-    for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        walls.append(time.perf_counter() - t0)
-        cpus.append(time.process_time() - c0)
-    return statistics.median(walls), statistics.median(cpus)
-
+from bench_methods import full_size_clip, full_size_vfm, median_time, status_mb   # noqa: E402  (this folder)
 
 def one_precision(precision: str, repeats: int, threads: int) -> dict:
     import torch
-    from modules.clip import CLIP
-    from modules.config import SegCLIPConfig
+    from seg_segmentation.classes import DATASET_CLASSES
     from modules.precision import set_precision
-    from modules.vfm import VFM_CONFIGS, VisionTransformerVFM
     from seg_segmentation.dense import TrainingFreeSegmentor
     from seg_segmentation.methods import build_method
     from seg_segmentation.methods.proxyclip import imagenet_normalised, proxy_attention, similarity
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    clip = CLIP(SegCLIPConfig(first_stage_layer=0, use_vision_mae_recon=False))
-    vfm = VisionTransformerVFM(VFM_CONFIGS["dino_vitb8"])
-    with torch.no_grad():
-        for p in (vfm.cls_token, vfm.pos_embed):
-            p.normal_(std=0.02)
+    clip, vfm = full_size_clip(), full_size_vfm("dino_vitb8")
     method = set_precision(build_method("proxyclip", clip, vfm=vfm), precision).eval()
-    seg = TrainingFreeSegmentor(method, classes=[[n] for n in NAMES], **method.settings("voc20"))
+    seg = TrainingFreeSegmentor(method, classes=[[n] for n in DATASET_CLASSES["voc"]], **method.settings("voc20"))
     image = torch.randn(1, 3, 336, 448, generator=torch.Generator().manual_seed(1))
-    weights = rss_mb()
-    wall, cpu = timed(lambda: seg.predict(image, (336, 448)), repeats)
+    weights = status_mb("VmRSS")
+    wall, cpu = median_time(lambda: seg.predict(image, (336, 448)), repeats)
     window = image[..., :336, :336]
     parts = {}
     with torch.no_grad():
         feats = method.vfm_model.features(imagenet_normalised(window))
-        parts["vfm_features"] = timed(lambda: method.vfm_model.features(imagenet_normalised(window)), repeats)
-        parts["proxy_attention"] = timed(lambda: proxy_attention(similarity(feats), 1.2, 3.0), repeats)
-        parts["clip_to_last_block"] = timed(lambda: method.clip.visual.tokens_before_last(window.to(torch.float32)),
+        parts["vfm_features"] = median_time(lambda: method.vfm_model.features(imagenet_normalised(window)), repeats)
+        parts["proxy_attention"] = median_time(lambda: proxy_attention(similarity(feats), 1.2, 3.0), repeats)
+        parts["clip_to_last_block"] = median_time(lambda: method.clip.visual.tokens_before_last(window.to(torch.float32)),
                                             repeats)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return dict(precision=precision, threads=threads, repeats=repeats, image="336x448", windows=2,

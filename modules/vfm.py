@@ -223,8 +223,6 @@ class VisionTransformerVFM(nn.Module):
         return model
 
 
-VFM = VisionTransformerVFM
-
 
 def config_from_state_dict(sd: Mapping[str, torch.Tensor]) -> VFMConfig:
     """Every size from the tensors: width (class token), depth (block indices), patch (kernel), positional table,

@@ -316,3 +316,20 @@ def one_and_two_processes(repo_root, args, out_dir, images: int) -> Tuple[dict, 
     assert [p.name for p in p1] == [p.name for p in p2] and len(p1) == images
     assert all(np.array_equal(np.array(Image.open(a)), np.array(Image.open(b))) for a, b in zip(p1, p2))
     return one, two
+
+
+def evaluate_in_process(args, capsys) -> Tuple[int, str, str]:
+    """``main_seg_zeroshot.main(ARGS)`` in this process -> (exit code, stdout, stderr)."""
+    from main_seg_zeroshot import main
+    rc = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def tiny_dino_file(fixture: Path, folder: Path) -> Path:
+    """The tiny DINO recorded in a fixture (``dino_state_dict``, the official layout) saved as a plain state-dict
+    file, as a user would give it to ``--vfm``."""
+    import torch
+    path = Path(folder) / 'tiny_dino_vitb8.pth'
+    torch.save(torch.load(fixture, map_location='cpu', weights_only=True)['dino_state_dict'], path)
+    return path

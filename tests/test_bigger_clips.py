@@ -79,10 +79,10 @@ def test_open_clip_metaclip_style_patch14(tmp_path):
 def _vfm_for(name):
     """A second vision model for the methods that need one: the ProxyCLIP fixture's tiny DINO ViT (width 128, as
     the tiny CLIP: CASS maps DINO's heads onto CLIP's)."""
-    from modules.vfm import VFM
+    from modules.vfm import VisionTransformerVFM
     from tests.conftest import FIXTURES
     sd = torch.load(FIXTURES / 'proxyclip_reference.pt', map_location='cpu', weights_only=True)['dino_state_dict']
-    return VFM.from_state_dict({k: v.float() for k, v in sd.items()}).eval()
+    return VisionTransformerVFM.from_state_dict({k: v.float() for k, v in sd.items()}).eval()
 
 
 @pytest.mark.parametrize('name', list(METHODS))

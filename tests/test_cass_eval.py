@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import FIXTURES
-from tests.helpers import one_and_two_processes, write_fake_dataset
+from tests.helpers import evaluate_in_process, one_and_two_processes, tiny_dino_file, write_fake_dataset
 
 NAMES = Path(__file__).resolve().parents[1] / 'seg_segmentation' / 'names'
 FAST = ['--resolution', '224', '--crop_size', '224', '--stride', '112', '--num_workers', '0', '--no_progress',
@@ -29,23 +29,13 @@ def voc_tree(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def vfm_file(tmp_path_factory):
-    sd = torch.load(FIXTURES / 'cass_dino.pt', map_location='cpu', weights_only=True)['dino_state_dict']
-    path = tmp_path_factory.mktemp('vfm') / 'tiny_dino_vitb8.pth'
-    torch.save(sd, path)
-    return path
-
-
-def _main(args, capsys):
-    from main_seg_zeroshot import main
-    rc = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
+    return tiny_dino_file(FIXTURES / 'cass_dino.pt', tmp_path_factory.mktemp('vfm'))
 
 
 def test_voc_preset_and_saved_predictions(voc_tree, clip_file, vfm_file, tmp_path, capsys):
     """The issue's command line, no flags: CASS's VOC21 preset (whole image, prob_thd 0.1, its β, α, threshold);
     one label PNG per image at the original size, equal to what the metric counted."""
-    rc, _, err = _main(['--method', 'cass', '--dataset', 'voc', '--data_root', voc_tree, '--pretrained_clip_name',
+    rc, _, err = evaluate_in_process(['--method', 'cass', '--dataset', 'voc', '--data_root', voc_tree, '--pretrained_clip_name',
                         clip_file, '--vfm', vfm_file, '--class_names', NAMES / 'voc21.txt', '--save_pred',
                         tmp_path / 'pred', '--output', tmp_path / 'r.json', '--num_workers', '0', '--no_progress',
                         '--device', 'cpu'], capsys)
@@ -68,7 +58,7 @@ def test_voc_preset_and_saved_predictions(voc_tree, clip_file, vfm_file, tmp_pat
 
 
 def test_flags_and_knobs_override_the_preset(voc_tree, clip_file, vfm_file, tmp_path, capsys):
-    rc, _, err = _main(['--method', 'cass', '--dataset', 'voc', '--data_root', voc_tree, '--pretrained_clip_name',
+    rc, _, err = evaluate_in_process(['--method', 'cass', '--dataset', 'voc', '--data_root', voc_tree, '--pretrained_clip_name',
                         clip_file, '--vfm', vfm_file, '--prob_thd', '0', '--global_semantics_weight', '0.3',
                         '--eigen_scaling', 'false', '--global_from', 'window', '--svd_seed', '7', '--output',
                         tmp_path / 'r.json', '--max_images', '1'] + FAST, capsys)
@@ -95,7 +85,7 @@ def test_vfm_of_another_width_is_one_line(voc_tree, clip_file, tmp_path, capsys)
     from modules.vfm import VFMConfig, meta_state_dict
     sd = {k: torch.zeros(v.shape) for k, v in meta_state_dict(VFMConfig('dino', 384, 1, 8, 28, 1536)).items()}
     torch.save(sd, tmp_path / 'small_dino.pth')
-    rc, _, err = _main(['--method', 'cass', '--dataset', 'voc', '--data_root', voc_tree, '--pretrained_clip_name',
+    rc, _, err = evaluate_in_process(['--method', 'cass', '--dataset', 'voc', '--data_root', voc_tree, '--pretrained_clip_name',
                         clip_file, '--vfm', tmp_path / 'small_dino.pth', '--max_images', '1'] + FAST, capsys)
     assert rc == 2 and 'the second vision model is 384 wide but CLIP is 128' in err and 'Traceback' not in err
     assert len(err.strip().splitlines()) == 1

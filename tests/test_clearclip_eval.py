@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import one_and_two_processes, write_fake_dataset
+from tests.helpers import evaluate_in_process, one_and_two_processes, write_fake_dataset
 
 VOC_NAMES = Path(__file__).resolve().parents[1] / 'seg_segmentation' / 'names' / 'voc21.txt'
 QUICK = ['--num_workers', '0', '--no_progress', '--device', 'cpu']
@@ -31,13 +31,6 @@ def names(tmp_path_factory):
     return path
 
 
-def _main(args, capsys):
-    from main_seg_zeroshot import main
-    rc = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
 def _check_saved(voc_tree, pred_dir, res):
     """One PNG per image named by its id, at the original size, whose pixel counts are the JSON's areas."""
     ids = sorted(Path(p).stem for p in (voc_tree / 'JPEGImages').iterdir())
@@ -54,7 +47,7 @@ def _check_saved(voc_tree, pred_dir, res):
 
 def test_voc_preset_and_saved_predictions(voc_tree, clip_file, names, tmp_path, capsys):
     """The issue's command line: with no flags, ClearCLIP's VOC21 preset and the paper's model."""
-    rc, _, err = _main(['--method', 'clearclip', '--dataset', 'voc', '--data_root', voc_tree,
+    rc, _, err = evaluate_in_process(['--method', 'clearclip', '--dataset', 'voc', '--data_root', voc_tree,
                         '--pretrained_clip_name', clip_file, '--class_names', names,
                         '--save_pred', tmp_path / 'pred', '--output', tmp_path / 'r.json'] + QUICK, capsys)
     assert rc == 0, err
@@ -68,7 +61,7 @@ def test_voc_preset_and_saved_predictions(voc_tree, clip_file, names, tmp_path, 
 
 
 def test_flags_and_knobs_override_the_preset(voc_tree, clip_file, names, tmp_path, capsys):
-    rc, _, err = _main(['--method', 'clearclip', '--dataset', 'voc', '--data_root', voc_tree,
+    rc, _, err = evaluate_in_process(['--method', 'clearclip', '--dataset', 'voc', '--data_root', voc_tree,
                         '--pretrained_clip_name', clip_file, '--class_names', names, '--prob_thd', '0.2',
                         '--logit_scale', '30', '--resolution', '224', '--crop_size', '0', '--model_type', 'vanilla',
                         '--ignore_residual', 'false', '--max_images', '1', '--save_pred', tmp_path / 'pred',
@@ -94,7 +87,7 @@ def test_help_lists_the_knobs():
     (['--method', 'sclip', '--model_type', 'vanilla'], '--model_type is a setting of clearclip, not of --method sclip'),
 ])
 def test_bad_knobs(args, msg, voc_tree, capsys):
-    rc, _, err = _main(['--dataset', 'voc', '--data_root', voc_tree] + args, capsys)
+    rc, _, err = evaluate_in_process(['--dataset', 'voc', '--data_root', voc_tree] + args, capsys)
     assert rc == 2 and msg in err and 'Traceback' not in err
     assert len(err.strip().splitlines()) == 1
 

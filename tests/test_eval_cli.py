@@ -13,7 +13,7 @@ from PIL import Image
 
 from seg_segmentation.classes import DATASET_CLASSES
 from seg_segmentation.datasets import LAYOUTS
-from tests.helpers import eval_env, run_cli, write_fake_dataset
+from tests.helpers import eval_env, evaluate_in_process, run_cli, write_fake_dataset
 
 SIZES = [(120, 90), (90, 130), (200, 100), (96, 96), (150, 70)]     # (w, h): 1-3 windows of 112 each
 SMALL = ['--resolution', '112', '--crop_size', '112', '--stride', '112']   # the tiny model is a 112 model
@@ -142,23 +142,16 @@ def test_torchrun_two_processes_equal_one_process_odd_count(dataset, n, tmp_path
 
 
 # ---------------------------------------------------------------------- bad input (in process: fast)
-def _main(args, capsys):
-    from main_seg_zeroshot import main
-    rc = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
 @pytest.fixture()
 def voc_root(tmp_path):
     return Path(write_fake_dataset('voc', tmp_path / 'VOC2012', num_images=3, sizes=SIZES[:3], seed=4))
 
 
 def test_missing_or_wrong_data_root_lists_layout(tmp_path, tiny_checkpoint, capsys):
-    rc, _, err = _main(['--dataset', 'voc', '--data_root', tmp_path / 'nope', '--init_model', tiny_checkpoint], capsys)
+    rc, _, err = evaluate_in_process(['--dataset', 'voc', '--data_root', tmp_path / 'nope', '--init_model', tiny_checkpoint], capsys)
     assert rc == 2 and 'does not exist' in err and 'JPEGImages/' in err and 'ImageSets/Segmentation/val.txt' in err
     (tmp_path / 'flat' / 'JPEGImages').mkdir(parents=True)
-    rc, _, err = _main(['--dataset', 'voc', '--data_root', tmp_path / 'flat', '--init_model', tiny_checkpoint],
+    rc, _, err = evaluate_in_process(['--dataset', 'voc', '--data_root', tmp_path / 'flat', '--init_model', tiny_checkpoint],
                        capsys)
     assert rc == 2 and 'missing: SegmentationClass, ImageSets/Segmentation/val.txt' in err
     assert 'Expected layout' in err and 'Traceback' not in err
@@ -168,7 +161,7 @@ def test_parent_folder_is_accepted(voc_root, tiny_checkpoint, tmp_path, capsys):
     parent = tmp_path / 'VOCdevkit'
     parent.mkdir()
     os.symlink(voc_root, parent / 'VOC2012')
-    rc, out, err = _main(['--dataset', 'voc', '--data_root', parent, '--init_model', tiny_checkpoint,
+    rc, out, err = evaluate_in_process(['--dataset', 'voc', '--data_root', parent, '--init_model', tiny_checkpoint,
                           '--max_images', '1', '--num_workers', '0', '--no_progress'] + SMALL, capsys)
     assert rc == 0, err
     assert '(1 images' in out
@@ -180,7 +173,7 @@ def test_parent_folder_is_accepted(voc_root, tiny_checkpoint, tmp_path, capsys):
 def test_bad_class_name_file(content, msg, voc_root, tiny_checkpoint, tmp_path, capsys):
     f = tmp_path / 'names.txt'
     f.write_text(content)
-    rc, _, err = _main(['--dataset', 'voc', '--data_root', voc_root, '--init_model', tiny_checkpoint,
+    rc, _, err = evaluate_in_process(['--dataset', 'voc', '--data_root', voc_root, '--init_model', tiny_checkpoint,
                         '--class_names', f], capsys)
     assert rc == 2 and msg in err and str(f) in err
 
@@ -189,13 +182,13 @@ def test_class_name_file_replaces_names(voc_root, tiny_checkpoint, tmp_path, cap
     f = tmp_path / 'names.txt'
     f.write_text('\n'.join(['background'] + [f'thing {i}' for i in range(20)]) + '\n')
     out = tmp_path / 'r.json'
-    rc, _, err = _main(['--dataset', 'voc', '--data_root', voc_root, '--init_model', tiny_checkpoint,
+    rc, _, err = evaluate_in_process(['--dataset', 'voc', '--data_root', voc_root, '--init_model', tiny_checkpoint,
                         '--class_names', f, '--output', out, '--max_images', '1', '--num_workers', '0',
                         '--no_progress'] + SMALL, capsys)
     assert rc == 0, err
     assert list(json.loads(out.read_text())['per_class'])[1:3] == ['thing 0', 'thing 1']
     f.write_text('background\ncat\n')
-    rc, _, err = _main(['--dataset', 'voc', '--data_root', voc_root, '--init_model', tiny_checkpoint,
+    rc, _, err = evaluate_in_process(['--dataset', 'voc', '--data_root', voc_root, '--init_model', tiny_checkpoint,
                         '--class_names', f], capsys)
     assert rc == 2 and 'voc has 21 label values, but 2 class names' in err and 'Traceback' not in err
 
@@ -214,13 +207,13 @@ def test_custom_voc_layout_with_its_own_class_count(voc_root, tiny_checkpoint, t
     f = tmp_path / 'names.txt'
     f.write_text('background\ncat\ndog\n')
     out, pred_dir = tmp_path / 'r.json', tmp_path / 'pred'
-    rc, _, err = _main(['--dataset', 'voc', '--data_root', voc_root, '--init_model', tiny_checkpoint,
+    rc, _, err = evaluate_in_process(['--dataset', 'voc', '--data_root', voc_root, '--init_model', tiny_checkpoint,
                         '--class_names', f, '--output', out, '--num_workers', '0', '--no_progress'] + SMALL, capsys)
     assert rc == 2 and 'voc has 21 label values, but 3 class names' in err and "use dataset 'custom'" in err
-    rc, _, err = _main(['--dataset', 'custom', '--data_root', voc_root, '--init_model', tiny_checkpoint,
+    rc, _, err = evaluate_in_process(['--dataset', 'custom', '--data_root', voc_root, '--init_model', tiny_checkpoint,
                         '--output', out, '--num_workers', '0', '--no_progress'] + SMALL, capsys)
     assert rc == 2 and "'custom' needs its class names" in err
-    rc, _, err = _main(['--dataset', 'custom', '--data_root', voc_root, '--init_model', tiny_checkpoint,
+    rc, _, err = evaluate_in_process(['--dataset', 'custom', '--data_root', voc_root, '--init_model', tiny_checkpoint,
                         '--class_names', f, '--output', out, '--save_pred', pred_dir, '--num_workers', '0',
                         '--no_progress'] + SMALL, capsys)
     assert rc == 0, err
@@ -232,14 +225,14 @@ def test_custom_voc_layout_with_its_own_class_count(voc_root, tiny_checkpoint, t
     assert res['mIoU'] == pytest.approx(independent_miou(pairs, 3)[0], abs=1e-6)
     wrong = tmp_path / 'wrong.txt'      # 2 names for labels 0..2: label 2 cannot be scored
     wrong.write_text('background\ncat\n')
-    rc, _, err = _main(['--dataset', 'custom', '--data_root', voc_root, '--init_model', tiny_checkpoint,
+    rc, _, err = evaluate_in_process(['--dataset', 'custom', '--data_root', voc_root, '--init_model', tiny_checkpoint,
                         '--class_names', wrong, '--num_workers', '0', '--no_progress'] + SMALL, capsys)
     assert rc == 2 and 'label 2 but only 2 class names' in err and 'Traceback' not in err
     context_root = tmp_path / 'VOC2010'            # the data root is checked first: give context a valid layout
     for d in ('JPEGImages', 'SegmentationClassContext', 'ImageSets/SegmentationContext'):
         (context_root / d).mkdir(parents=True)
     (context_root / 'ImageSets/SegmentationContext/val.txt').write_text('')
-    rc, _, err = _main(['--dataset', 'context', '--data_root', context_root, '--init_model', tiny_checkpoint,
+    rc, _, err = evaluate_in_process(['--dataset', 'context', '--data_root', context_root, '--init_model', tiny_checkpoint,
                         '--class_names', f], capsys)   # benchmarks with remapped ids keep the exact count
     assert rc == 2 and 'context has 60 label values, but 3 class names' in err
 
@@ -247,7 +240,7 @@ def test_custom_voc_layout_with_its_own_class_count(voc_root, tiny_checkpoint, t
 def test_image_without_label_file(voc_root, tiny_checkpoint, capsys):
     victim = sorted((voc_root / 'SegmentationClass').iterdir())[1]
     victim.unlink()
-    rc, _, err = _main(['--dataset', 'voc', '--data_root', voc_root, '--init_model', tiny_checkpoint], capsys)
+    rc, _, err = evaluate_in_process(['--dataset', 'voc', '--data_root', voc_root, '--init_model', tiny_checkpoint], capsys)
     assert rc == 2 and '1 of 3 label files are missing' in err and victim.name in err
 
 
@@ -255,7 +248,7 @@ def test_image_without_label_file(voc_root, tiny_checkpoint, capsys):
 def test_unreadable_image_is_named(workers, voc_root, tiny_checkpoint, capsys):
     victim = sorted((voc_root / 'JPEGImages').iterdir())[2]
     victim.write_bytes(b'this is not a jpeg')
-    rc, _, err = _main(['--dataset', 'voc', '--data_root', voc_root, '--init_model', tiny_checkpoint,
+    rc, _, err = evaluate_in_process(['--dataset', 'voc', '--data_root', voc_root, '--init_model', tiny_checkpoint,
                         '--num_workers', workers, '--no_progress'] + SMALL, capsys)
     assert rc == 2 and f'cannot read {victim}' in err and 'Traceback' not in err
 
@@ -265,9 +258,9 @@ def test_checkpoint_that_does_not_fit(voc_root, reference, tmp_path, capsys):
     sd.pop('clip.visual.transformer.semantic_layer2.semantic_center')
     bad = tmp_path / 'bad.bin'
     torch.save(sd, bad)
-    rc, _, err = _main(['--dataset', 'voc', '--data_root', voc_root, '--init_model', bad], capsys)
+    rc, _, err = evaluate_in_process(['--dataset', 'voc', '--data_root', voc_root, '--init_model', bad], capsys)
     assert rc == 2 and 'semantic_center' in err and 'Traceback' not in err
-    rc, _, err = _main(['--dataset', 'voc', '--data_root', voc_root, '--init_model', tmp_path / 'none.bin'], capsys)
+    rc, _, err = evaluate_in_process(['--dataset', 'voc', '--data_root', voc_root, '--init_model', tmp_path / 'none.bin'], capsys)
     assert rc == 2 and 'none.bin' in err
 
 
@@ -275,13 +268,13 @@ def test_cfg_and_opts(voc_root, tiny_checkpoint, tmp_path, capsys):
     cfg = tmp_path / 'seg.yml'
     cfg.write_text('evaluate:\n  seg:\n    template: subset\n    opts: []\nbatch_size: 2\n')
     out = tmp_path / 'r.json'
-    rc, _, err = _main(['--dataset', 'voc', '--data_root', voc_root, '--init_model', tiny_checkpoint, '--cfg', cfg,
+    rc, _, err = evaluate_in_process(['--dataset', 'voc', '--data_root', voc_root, '--init_model', tiny_checkpoint, '--cfg', cfg,
                         '--opts', 'bg_thresh', '0.5', 'stride=56', '--output', out, '--max_images', '1',
                         '--num_workers', '0', '--no_progress', '--resolution', '112', '--crop_size', '112'], capsys)
     assert rc == 0, err
     s = json.loads(out.read_text())['settings']
     assert (s['templates'], s['bg_thresh'], s['stride'], s['batch_size']) == ('subset', 0.5, 56, 2)
-    rc, _, err = _main(['--dataset', 'voc', '--opts', 'no_such_key', '1'], capsys)
+    rc, _, err = evaluate_in_process(['--dataset', 'voc', '--opts', 'no_such_key', '1'], capsys)
     assert rc == 2 and "unknown setting 'no_such_key'" in err
 
 
@@ -311,7 +304,7 @@ def test_torchrun_unreadable_image_on_one_rank_fails_cleanly(tmp_path, repo_root
 
 def test_missing_released_checkpoint_offline_is_a_clear_error(voc_root, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv('SEGCLIP_OFFLINE', '1')
-    rc, _, err = _main(['--dataset', 'voc', '--data_root', voc_root, '--cache_dir', tmp_path / 'cache'], capsys)
+    rc, _, err = evaluate_in_process(['--dataset', 'voc', '--data_root', voc_root, '--cache_dir', tmp_path / 'cache'], capsys)
     assert rc == 2 and 'segclip.bin' in err and 'Traceback' not in err
 
 

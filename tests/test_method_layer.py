@@ -16,7 +16,7 @@ from seg_segmentation.inference import slide_windows
 from seg_segmentation.methods import METHODS, PROTOCOL_KEYS, Knob, build_method
 from seg_segmentation.methods.base import pad_or_cut
 from tests.conftest import SCLIP_REFERENCE_PT
-from tests.helpers import run_cli, write_fake_dataset
+from tests.helpers import evaluate_in_process, run_cli, write_fake_dataset
 
 DATASETS = ('voc', 'context', 'coco', 'voc20', 'context59', 'coco_stuff', 'cityscapes', 'ade20k', 'custom')
 FAST = ['--resolution', '224', '--num_workers', '0', '--no_progress', '--device', 'cpu']
@@ -130,13 +130,6 @@ def test_windows_batched_across_images_equal_one_at_a_time(tiny_clip, sclip_inpu
 
 
 # ---------------------------------------------------------------------- the command line
-def _main(args, capsys):
-    from main_seg_zeroshot import main
-    rc = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
 @pytest.mark.parametrize('args, message', [
     (['--method', 'sclip,clip'], 'several methods or datasets make a table: give --output_dir DIR'),
     (['--method', 'sclip', '--dataset', 'voc,voc20'], 'give --output_dir DIR'),
@@ -150,7 +143,7 @@ def _main(args, capsys):
     (['--method', 'sclip', '--data_root', 'voc=/nowhere,context'], 'give one folder, or DATASET=FOLDER pairs'),
 ])
 def test_bad_table_and_method_flags(args, message, capsys):
-    rc, _, err = _main(args, capsys)
+    rc, _, err = evaluate_in_process(args, capsys)
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
@@ -164,7 +157,7 @@ def test_knob_flags_belong_to_their_methods(capsys):
             others = [m for m, c in METHODS.items() if knob.name not in {k.name for k in c.knobs} and m != 'segclip']
             if others:   # a knob given to a method without it is refused, naming who has it
                 value = knob.default if knob.default is not None else (knob.choices or [1])[0]
-                rc, _, err = _main(['--method', others[0], f'--{knob.name}', str(value)], capsys)
+                rc, _, err = evaluate_in_process(['--method', others[0], f'--{knob.name}', str(value)], capsys)
                 users = [m for m, c in METHODS.items() if knob.name in {k.name for k in c.knobs}]
                 assert rc == 2 and f'--{knob.name} is a setting of {", ".join(users)}, not of' in err, err
 
@@ -185,7 +178,7 @@ def _table_args(root, clip_file, out, *extra):
 
 def test_table_of_methods_and_datasets(two_datasets, clip_file, tmp_path, capsys):
     out = tmp_path / 'table'
-    rc, stdout, err = _main(_table_args(two_datasets, clip_file, out, '--save_pred', tmp_path / 'pred'), capsys)
+    rc, stdout, err = evaluate_in_process(_table_args(two_datasets, clip_file, out, '--save_pred', tmp_path / 'pred'), capsys)
     assert rc == 0, err
     results = {}
     for method in ('sclip', 'clip'):
@@ -209,10 +202,10 @@ def test_table_of_methods_and_datasets(two_datasets, clip_file, tmp_path, capsys
 
     # a rerun skips every pair; a changed flag evaluates them again
     stamp = (out / 'sclip' / 'voc.json').stat().st_mtime_ns
-    rc, stdout, err = _main(_table_args(two_datasets, clip_file, out), capsys)
+    rc, stdout, err = evaluate_in_process(_table_args(two_datasets, clip_file, out), capsys)
     assert rc == 0 and stdout.count('done before') == 4 and 'skipped' in stdout, err
     assert (out / 'sclip' / 'voc.json').stat().st_mtime_ns == stamp
-    rc, stdout, err = _main(_table_args(two_datasets, clip_file, out, '--prob_thd', '0.3'), capsys)
+    rc, stdout, err = evaluate_in_process(_table_args(two_datasets, clip_file, out, '--prob_thd', '0.3'), capsys)
     assert rc == 0 and 'done before' not in stdout, err
     assert json.loads((out / 'sclip' / 'voc.json').read_text())['settings']['prob_thd'] == 0.3
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import one_and_two_processes, write_fake_dataset
+from tests.helpers import evaluate_in_process, one_and_two_processes, write_fake_dataset
 
 NAMES = Path(__file__).resolve().parents[1] / 'seg_segmentation' / 'names'
 QUIET = ['--num_workers', '0', '--no_progress', '--device', 'cpu']
@@ -22,17 +22,10 @@ def voc_tree(tmp_path_factory):
                                    sizes=[(120, 90), (90, 120), (120, 90)], seed=7))
 
 
-def _main(args, capsys):
-    from main_seg_zeroshot import main
-    rc = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
 def test_voc_preset_and_saved_predictions(voc_tree, clip_file, tmp_path, capsys):
     """The issue's command line with no flags: NACLIP's VOC21 preset (whole image, threshold 0.1, no PAMR) and
     one label PNG per image, equal to what the metric counted."""
-    rc, _, err = _main(['--method', 'naclip', '--dataset', 'voc', '--data_root', voc_tree, '--pretrained_clip_name',
+    rc, _, err = evaluate_in_process(['--method', 'naclip', '--dataset', 'voc', '--data_root', voc_tree, '--pretrained_clip_name',
                         clip_file, '--class_names', NAMES / 'voc21.txt', '--save_pred', tmp_path / 'pred',
                         '--output', tmp_path / 'r.json'] + QUIET, capsys)
     assert rc == 0, err
@@ -54,7 +47,7 @@ def test_voc_preset_and_saved_predictions(voc_tree, clip_file, tmp_path, capsys)
 
 
 def test_flags_and_knobs_override_the_preset(voc_tree, clip_file, tmp_path, capsys):
-    rc, _, err = _main(['--method', 'naclip', '--dataset', 'voc', '--data_root', voc_tree, '--pretrained_clip_name',
+    rc, _, err = evaluate_in_process(['--method', 'naclip', '--dataset', 'voc', '--data_root', voc_tree, '--pretrained_clip_name',
                         clip_file, '--resolution', '224', '--crop_size', '224', '--stride', '112', '--prob_thd', '0.3',
                         '--logit_scale', '50', '--pamr_steps', '10', '--attn_strategy', 'nonly', '--gaussian_std', '3',
                         '--max_images', '1', '--output', tmp_path / 'r.json'] + QUIET, capsys)
@@ -71,7 +64,7 @@ def test_flags_and_knobs_override_the_preset(voc_tree, clip_file, tmp_path, caps
     (['--arch', 'full'], "invalid choice: 'full'"),
 ])
 def test_refused_knobs(args, msg, voc_tree, clip_file, tmp_path, capsys):
-    rc, _, err = _main(['--method', 'naclip', '--dataset', 'voc', '--data_root', voc_tree, '--pretrained_clip_name',
+    rc, _, err = evaluate_in_process(['--method', 'naclip', '--dataset', 'voc', '--data_root', voc_tree, '--pretrained_clip_name',
                         clip_file, '--output', tmp_path / 'r.json'] + args + QUIET, capsys)
     assert rc == 2 and msg in err and 'Traceback' not in err, err
     assert not (tmp_path / 'r.json').exists()

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from tests.conftest import FIXTURES
-from tests.helpers import one_and_two_processes, write_fake_dataset
+from tests.helpers import evaluate_in_process, one_and_two_processes, tiny_dino_file, write_fake_dataset
 
 NAMES = Path(__file__).resolve().parents[1] / 'seg_segmentation' / 'names'
 FAST = ['--resolution', '224', '--crop_size', '224', '--stride', '112', '--num_workers', '0', '--no_progress',
@@ -28,23 +27,13 @@ def voc_tree(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def vfm_file(tmp_path_factory):
-    sd = torch.load(FIXTURES / 'proxyclip_reference.pt', map_location='cpu', weights_only=True)['dino_state_dict']
-    path = tmp_path_factory.mktemp('vfm') / 'tiny_dino_vitb8.pth'
-    torch.save(sd, path)
-    return path
-
-
-def _main(args, capsys):
-    from main_seg_zeroshot import main
-    rc = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
+    return tiny_dino_file(FIXTURES / 'proxyclip_reference.pt', tmp_path_factory.mktemp('vfm'))
 
 
 def test_voc_preset_and_saved_predictions(voc_tree, clip_file, vfm_file, tmp_path, capsys):
     """The command line of the issue, no flags: ProxyCLIP's VOC21 preset; one label PNG per image, equal to what
     the metric counted."""
-    rc, out, err = _main(['--method', 'proxyclip', '--dataset', 'voc', '--data_root', voc_tree,
+    rc, out, err = evaluate_in_process(['--method', 'proxyclip', '--dataset', 'voc', '--data_root', voc_tree,
                           '--pretrained_clip_name', clip_file, '--vfm', vfm_file, '--class_names', NAMES / 'voc21.txt',
                           '--save_pred', tmp_path / 'pred', '--output', tmp_path / 'r.json',
                           '--num_workers', '0', '--no_progress', '--device', 'cpu'], capsys)
@@ -66,7 +55,7 @@ def test_voc_preset_and_saved_predictions(voc_tree, clip_file, vfm_file, tmp_pat
 
 
 def test_flags_and_knobs_override_the_preset(voc_tree, clip_file, vfm_file, tmp_path, capsys):
-    rc, _, err = _main(['--method', 'proxyclip', '--dataset', 'voc', '--data_root', voc_tree, '--pretrained_clip_name',
+    rc, _, err = evaluate_in_process(['--method', 'proxyclip', '--dataset', 'voc', '--data_root', voc_tree, '--pretrained_clip_name',
                         clip_file, '--vfm', vfm_file, '--prob_thd', '0', '--logit_scale', '30', '--proxy_beta', '1.0',
                         '--proxy_gamma', '2', '--output', tmp_path / 'r.json', '--max_images', '1'] + FAST, capsys)
     assert rc == 0, err
@@ -95,7 +84,7 @@ def test_bad_flags_one_line(args, msg, voc_tree, clip_file, capsys, monkeypatch)
     import modules.checkpoint
     monkeypatch.setattr(modules.checkpoint, 'load_clip', None)   # must not be reached
     base = ['--method', 'proxyclip', '--dataset', 'voc', '--data_root', voc_tree, '--pretrained_clip_name', clip_file]
-    rc, _, err = _main(base + args, capsys)
+    rc, _, err = evaluate_in_process(base + args, capsys)
     assert rc == 2 and msg in err and 'Traceback' not in err, err
     assert len(err.strip().splitlines()) == 1
 
@@ -104,11 +93,11 @@ def test_bad_vfm_file_and_offline_one_line(voc_tree, clip_file, tmp_path, capsys
     """A file that is not a DINO checkpoint (here a CLIP), and a name with no file in the cache while offline."""
     base = ['--method', 'proxyclip', '--dataset', 'voc', '--data_root', voc_tree, '--pretrained_clip_name', clip_file,
             '--max_images', '1'] + FAST
-    rc, _, err = _main(base + ['--vfm', clip_file], capsys)
+    rc, _, err = evaluate_in_process(base + ['--vfm', clip_file], capsys)
     assert rc == 2 and 'not a DINO / DINOv2 state dict in the official layout' in err and str(clip_file) in err
     assert len(err.strip().splitlines()) == 1
     monkeypatch.setenv('SEGCLIP_OFFLINE', '1')
-    rc, _, err = _main(base + ['--vfm', 'dino_vitb8', '--cache_dir', tmp_path / 'cache'], capsys)
+    rc, _, err = evaluate_in_process(base + ['--vfm', 'dino_vitb8', '--cache_dir', tmp_path / 'cache'], capsys)
     assert rc == 2 and 'SEGCLIP_OFFLINE' in err and str(tmp_path / 'cache' / 'dino_vitbase8_pretrain.pth') in err
     assert 'https://dl.fbaipublicfiles.com/dino/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth' in err
     assert len(err.strip().splitlines()) == 1

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import FIXTURES
-from tests.helpers import one_and_two_processes, write_fake_dataset
+from tests.helpers import evaluate_in_process, one_and_two_processes, write_fake_dataset
 
 FAST = ['--num_workers', '0', '--no_progress', '--device', 'cpu']
 
@@ -47,15 +47,8 @@ def plain_names(tmp_path_factory):
     return path
 
 
-def _main(args, capsys):
-    from main_seg_zeroshot import main
-    rc = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
 def test_voc_preset_and_saved_predictions(voc_tree, clip12, tmp_path, capsys):
-    rc, _, err = _main(['--method', 'scclip', '--dataset', 'voc', '--data_root', voc_tree, '--pretrained_clip_name',
+    rc, _, err = evaluate_in_process(['--method', 'scclip', '--dataset', 'voc', '--data_root', voc_tree, '--pretrained_clip_name',
                         clip12, '--output', tmp_path / 'r.json', '--save_pred', tmp_path / 'pred'] + FAST, capsys)
     assert rc == 0, err
     res = json.loads((tmp_path / 'r.json').read_text())
@@ -79,7 +72,7 @@ def test_voc_preset_and_saved_predictions(voc_tree, clip12, tmp_path, capsys):
 
 
 def test_flags_override_and_the_layer_rule_on_four_blocks(voc_tree, clip_file, plain_names, tmp_path, capsys):
-    rc, _, err = _main(['--method', 'scclip', '--dataset', 'voc', '--data_root', voc_tree, '--pretrained_clip_name',
+    rc, _, err = evaluate_in_process(['--method', 'scclip', '--dataset', 'voc', '--data_root', voc_tree, '--pretrained_clip_name',
                         clip_file, '--class_names', plain_names, '--prob_thd', '0.3', '--logit_scale', '45',
                         '--multi_start_idx', '0', '--resolution', '224', '--max_images', '1',
                         '--output', tmp_path / 'r.json'] + FAST, capsys)
@@ -97,7 +90,7 @@ def test_flags_override_and_the_layer_rule_on_four_blocks(voc_tree, clip_file, p
 ])
 def test_layer_errors_are_one_line(blocks, flags, msg, voc_tree, reference, plain_names, tmp_path, capsys):
     clip = clip_with_blocks(reference, tmp_path / 'clip.pt', blocks)
-    rc, _, err = _main(['--method', 'scclip', '--dataset', 'voc', '--data_root', voc_tree, '--pretrained_clip_name',
+    rc, _, err = evaluate_in_process(['--method', 'scclip', '--dataset', 'voc', '--data_root', voc_tree, '--pretrained_clip_name',
                         clip, '--class_names', plain_names, '--resolution', '224', '--max_images', '1'] + flags + FAST,
                        capsys)
     assert rc == 2 and msg in err and 'Traceback' not in err

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import one_and_two_processes, write_fake_dataset
+from tests.helpers import evaluate_in_process, one_and_two_processes, write_fake_dataset
 
 NAMES = Path(__file__).resolve().parents[1] / 'seg_segmentation' / 'names'
 FAST = ['--resolution', '224', '--crop_size', '224', '--stride', '112', '--num_workers', '0', '--no_progress',
@@ -22,15 +22,8 @@ def voc_tree(tmp_path_factory):
                                    sizes=[(250, 230), (230, 300), (240, 240)], seed=5))
 
 
-def _main(args, capsys):
-    from main_seg_zeroshot import main
-    rc = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
 def test_sclip_presets_synonyms_and_saved_predictions(voc_tree, clip_file, tmp_path, capsys):
-    rc, out, err = _main(['--method', 'sclip', '--dataset', 'voc', '--data_root', voc_tree, '--pretrained_clip_name',
+    rc, out, err = evaluate_in_process(['--method', 'sclip', '--dataset', 'voc', '--data_root', voc_tree, '--pretrained_clip_name',
                           clip_file, '--num_workers', '0', '--no_progress', '--device', 'cpu',
                           '--output', tmp_path / 'r.json', '--save_pred', tmp_path / 'pred'], capsys)
     assert rc == 0, err
@@ -54,7 +47,7 @@ def test_sclip_presets_synonyms_and_saved_predictions(voc_tree, clip_file, tmp_p
 
 
 def test_flags_override_presets(voc_tree, clip_file, tmp_path, capsys):
-    rc, _, err = _main(['--method', 'clip', '--dataset', 'voc', '--data_root', voc_tree, '--pretrained_clip_name',
+    rc, _, err = evaluate_in_process(['--method', 'clip', '--dataset', 'voc', '--data_root', voc_tree, '--pretrained_clip_name',
                         clip_file, '--logit_scale', '30', '--prob_thd', '0', '--area_thd', 'none', '--pamr_steps', '2',
                         '--pamr_dilations', '4', '--classes_file', NAMES / 'voc21.txt',
                         '--output', tmp_path / 'r.json', '--max_images', '1'] + FAST, capsys)
@@ -73,7 +66,7 @@ def test_flags_override_presets(voc_tree, clip_file, tmp_path, capsys):
     (['--pamr_steps', '-1'], '--pamr_steps must be >= 0'),
 ])
 def test_bad_method_flags(args, msg, voc_tree, capsys):
-    rc, _, err = _main(['--dataset', 'voc', '--data_root', voc_tree] + args, capsys)
+    rc, _, err = evaluate_in_process(['--dataset', 'voc', '--data_root', voc_tree] + args, capsys)
     assert rc == 2 and msg in err and 'Traceback' not in err
     assert len(err.strip().splitlines()) == 1
 

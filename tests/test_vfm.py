@@ -18,7 +18,6 @@ import torch
 
 from common import download
 from common.download import VFM_URLS, DownloadError
-from modules import vfm as vfm_module
 from modules.checkpoint import load_vfm
 from modules.layers import resize_positions
 from modules.state_dict import CheckpointError
@@ -272,4 +271,3 @@ def test_bad_files_one_line_each(ref, tmp_path, kind, says):
 def test_missing_name_or_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a file nor one of the known models dino_vits8"):
         load_vfm(str(tmp_path / "typo.pth"))
-    assert vfm_module.VFM is VisionTransformerVFM
