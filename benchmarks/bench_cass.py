@@ -12,10 +12,8 @@ minus the memory after the models are built. Wall seconds include waiting for a 
 seconds (process time, all threads) are the steadier figure. ``parts`` times one 224 window's pieces: DINO's keys,
 CLIP up to its last block, and the spectral distillation (eigenvalues, matching, randomised SVDs).
 """
-import argparse
 import json
 import resource
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,7 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench_methods import full_size_clip, full_size_vfm, median_time, status_mb   # noqa: E402  (this folder)
+from bench_methods import (full_size_clip, full_size_vfm, median_time, rows_per_precision,   # noqa: E402
+                           status_mb)   # this folder
 
 def one_precision(precision: str, repeats: int, threads: int) -> dict:
     import torch
@@ -58,21 +57,10 @@ def one_precision(precision: str, repeats: int, threads: int) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
-    ap.add_argument("--json", default=None, help="also write the rows here")
-    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)   # the child process: one precision, JSON out
-    args = ap.parse_args()
-    if args.one:
-        print(json.dumps(one_precision(args.one, args.repeats, args.threads)))
+    result = rows_per_precision(__doc__, __file__, one_precision)
+    if result is None:
         return
-    rows = []
-    for precision in args.precisions:
-        out = subprocess.run([sys.executable, __file__, "--one", precision, "--repeats", str(args.repeats),
-                              "--threads", str(args.threads)], capture_output=True, text=True, check=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    rows, json_path = result
     print(f"{'precision':>9} {'voc wall/CPU s':>15} {'context wall/CPU s':>19} {'peak MiB':>9} {'run MiB':>8}  "
           "one 224 window: DINO keys / CLIP to last block / distillation (wall s)")
     for r in rows:
@@ -80,8 +68,8 @@ def main():
         print(f"{r['precision']:>9} {r['voc']['wall_s']:>7} / {r['voc']['cpu_s']:<5} "
               f"{r['context']['wall_s']:>9} / {r['context']['cpu_s']:<6} {r['peak_rss_mb']:>9} {r['run_mb']:>8}  "
               f"{p['dino_keys']} / {p['clip_to_last_block']} / {p['distill']}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+    if json_path:
+        Path(json_path).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -91,6 +91,29 @@ def median_time(fn, repeats: int):
     return round(statistics.median(walls), 3), round(statistics.median(cpus), 3)
 
 
+def rows_per_precision(doc: str, script: str, one_precision):
+    """The driver of a benchmark that measures one precision per fresh process (bench_vfm.py, bench_cass.py):
+    parses ``--repeats --threads --precisions --json``; in a child (``--one PRECISION``) prints the row of
+    ``one_precision(precision, repeats, threads)`` as JSON and returns None; in the parent runs one child per
+    precision and returns (rows, the ``--json`` path or None)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median; default 3)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)   # the child process: one precision, JSON out
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(one_precision(args.one, args.repeats, args.threads)))
+        return None
+    rows = []
+    for precision in args.precisions:
+        out = subprocess.run([sys.executable, script, "--one", precision, "--repeats", str(args.repeats),
+                              "--threads", str(args.threads)], capture_output=True, text=True, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return rows, args.json
+
+
 def worker(args) -> None:
     """One method at one precision, in this (fresh) process: prints one JSON line, saves its labels."""
     import torch

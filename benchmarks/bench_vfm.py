@@ -12,10 +12,8 @@ process's peak, ``weights_rss_mb`` its resident memory after the models are buil
 time over the threads) are the steadier figure. A breakdown times the parts of one window: the VFM's features, the
 proxy attention, CLIP up to its last block.
 """
-import argparse
 import json
 import resource
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,7 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench_methods import full_size_clip, full_size_vfm, median_time, status_mb   # noqa: E402  (this folder)
+from bench_methods import (full_size_clip, full_size_vfm, median_time, rows_per_precision,   # noqa: E402
+                           status_mb)   # this folder
 
 def one_precision(precision: str, repeats: int, threads: int) -> dict:
     import torch
@@ -55,29 +54,18 @@ def one_precision(precision: str, repeats: int, threads: int) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
-    ap.add_argument("--json", default=None, help="also write the rows here")
-    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)   # the child process: one precision, JSON out
-    args = ap.parse_args()
-    if args.one:
-        print(json.dumps(one_precision(args.one, args.repeats, args.threads)))
+    result = rows_per_precision(__doc__, __file__, one_precision)
+    if result is None:
         return
-    rows = []
-    for precision in args.precisions:
-        out = subprocess.run([sys.executable, __file__, "--one", precision, "--repeats", str(args.repeats),
-                              "--threads", str(args.threads)], capture_output=True, text=True, check=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    rows, json_path = result
     print(f"{'precision':>9} {'wall s':>7} {'CPU s':>7} {'weights MiB':>12} {'peak MiB':>9} {'run MiB':>8}  "
           "per window: VFM / proxy attention / CLIP to last block (wall s)")
     for r in rows:
         w = r["per_window_wall_s"]
         print(f"{r['precision']:>9} {r['wall_s']:>7} {r['cpu_s']:>7} {r['weights_rss_mb']:>12} {r['peak_rss_mb']:>9} "
               f"{r['run_mb']:>8}  {w['vfm_features']} / {w['proxy_attention']} / {w['clip_to_last_block']}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+    if json_path:
+        Path(json_path).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
