@@ -24,6 +24,7 @@ if str(REPO) not in sys.path:
 from bench_methods import (full_size_clip, full_size_vfm, median_time, rows_per_precision,   # noqa: E402
                            status_mb)   # this folder
 
+
 def one_precision(precision: str, repeats: int, threads: int) -> dict:
     import torch
     from seg_segmentation.classes import DATASET_CLASSES
